@@ -1,0 +1,39 @@
+# The README's two commands are `make demo` and `make test`; each sets up .venv on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.stefx-installed
+TORCH   := torch==2.13.0
+
+.PHONY: demo test test-slow lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU wheel. A bare `torch` requirement pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m stefx demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check stefx tests benchmarks
+	$(BIN)/ruff format --check stefx tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format stefx tests benchmarks
+	$(BIN)/ruff check --fix stefx tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_ste.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,119 @@
+"""The quantizer base class: what every fake-quantizer module shares.
+
+A quantizer maps a float tensor to a fake-quantized one of the same shape and dtype;
+its backward is a surrogate gradient (the straight-through estimator). Subclasses
+implement :meth:`Quantizer.quantize` and declare, as class attributes, the spec values
+they accept — ``parse_spec`` validates against those declarations, so a new quantizer
+type documents its own vocabulary.
+
+Shared behaviour lives here: ``enabled`` (off = exact identity), ``strength`` λ in [0, 1]
+for ramping (``y = x + λ·(q(x) − x)``), ``bits`` for the profiler, and lazy data-driven
+initialisation of learned state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from stefx.errors import RecipeError
+from stefx.ste.granularity import Granularity
+from stefx.ste.spec import QuantSpec
+
+__all__ = ["Quantizer"]
+
+
+class Quantizer(nn.Module):
+    """Base class of every stefx quantizer.
+
+    Class attributes a subclass sets (the first entry of each tuple is the default):
+
+    - ``bits_choices``: accepted ``num_bits``; ``default_bits`` the default.
+    - ``strategies``: accepted granularities (``tensor``, ``channel``, ``group``, ``token``).
+    - ``scales``: accepted ways of finding the scale; ``default_scale(symmetric)`` picks one.
+    - ``estimators``: accepted backward surrogates.
+    - ``options``: extra spec keys -> default value (the default fixes the type).
+    - ``allows_asymmetric``: whether ``symmetric: false`` is meaningful.
+    """
+
+    type_name: ClassVar[str] = ""
+    bits_choices: ClassVar[tuple[int, ...]] = (8,)
+    default_bits: ClassVar[int | None] = None
+    strategies: ClassVar[tuple[str, ...]] = ("tensor",)
+    scales: ClassVar[tuple[str, ...]] = ("none",)
+    estimators: ClassVar[tuple[str, ...]] = ("identity",)
+    options: ClassVar[Mapping[str, Any]] = {}
+    allows_asymmetric: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.default_bits is None:
+            cls.default_bits = cls.bits_choices[0]
+
+    @classmethod
+    def default_scale(cls, symmetric: bool) -> str:
+        return cls.scales[0]
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], where: str) -> None:
+        """Hook for cross-field checks of per-type options; raise RecipeError on a fault."""
+
+    def __init__(self, spec: QuantSpec | Mapping[str, Any]) -> None:
+        super().__init__()
+        if not isinstance(spec, QuantSpec):
+            from stefx.ste.spec import parse_spec
+
+            spec = parse_spec({"type": self.type_name, **spec})
+        self.spec = spec
+        self.enabled = spec.enabled
+        self.strength = spec.strength
+        self.granularity = Granularity(spec.strategy, spec.axis, spec.group_size)
+
+    @property
+    def bits(self) -> int:
+        """Bit width of one stored code (what the profiler reads)."""
+        return self.spec.num_bits
+
+    @property
+    def strength(self) -> float:
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        if not 0.0 <= float(value) <= 1.0:
+            raise RecipeError(f"strength={value!r} is invalid; expected a number in [0, 1]")
+        self._strength = float(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self._strength == 0.0:
+            return x
+        y = self.quantize(x)
+        if self._strength != 1.0:
+            y = x + self._strength * (y - x)
+        return y
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized tensor, with the surrogate gradient attached."""
+        raise NotImplementedError
+
+    def init_from(self, x: torch.Tensor) -> None:
+        """Initialise learned state (scales, offsets) from a sample tensor. Default: none."""
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        parts = [f"type={s.type}", f"bits={self.bits}", f"strategy={s.strategy}"]
+        if s.group_size:
+            parts.append(f"group_size={s.group_size}")
+        if not s.symmetric:
+            parts.append("symmetric=False")
+        if s.scale and s.scale != "none":
+            parts.append(f"scale={s.scale}")
+        parts.append(f"estimator={s.estimator}")
+        if not self.enabled:
+            parts.append("enabled=False")
+        if self._strength != 1.0:
+            parts.append(f"strength={self._strength:g}")
+        return ", ".join(parts)

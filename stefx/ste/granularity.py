@@ -1,0 +1,81 @@
+"""Granularity: which elements of a tensor share one scale.
+
+Every quantizer works on a 2-D *row view* of its input: one row per scale group, so a
+single per-row code path serves per-tensor, per-channel, per-group and per-token
+quantization. This module owns that view and nothing else.
+
+- ``tensor``:  one group, shape (1, numel).
+- ``channel``: one group per index along ``axis`` (default 0, the output channel of a
+  Linear/Conv weight), shape (C, numel / C).
+- ``group``:   runs of ``group_size`` consecutive elements along ``axis`` (default -1, the
+  input dimension of a Linear weight), shape (numel / group_size, group_size).
+- ``token``:   one group per vector along the last axis (per-token activations),
+  shape (numel / D, D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["STRATEGIES", "Granularity"]
+
+STRATEGIES = ("tensor", "channel", "group", "token")
+
+
+@dataclass(frozen=True)
+class Granularity:
+    strategy: str = "tensor"
+    axis: int | None = None
+    group_size: int | None = None
+
+    def _axis(self, ndim: int) -> int:
+        default = 0 if self.strategy == "channel" else -1
+        axis = default if self.axis is None else self.axis
+        if not -ndim <= axis < ndim:
+            raise ValueError(
+                f"axis {axis} is out of range for a {ndim}-d tensor (strategy {self.strategy!r})"
+            )
+        return axis % ndim
+
+    def num_groups(self, shape: torch.Size | tuple[int, ...]) -> int:
+        """Number of scale groups for an input of ``shape``."""
+        numel = 1
+        for s in shape:
+            numel *= s
+        if self.strategy == "tensor" or len(shape) == 0:
+            return 1
+        axis = self._axis(len(shape))
+        if self.strategy == "channel":
+            return shape[axis]
+        if self.strategy == "token":
+            return numel // max(shape[-1], 1)
+        size = shape[axis]
+        if self.group_size is None or size % self.group_size:
+            raise ValueError(
+                f"group_size {self.group_size} does not divide dimension {axis} of size {size}; "
+                f"pick a group_size that divides {size}"
+            )
+        return numel // self.group_size
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the (groups, elements) view of ``x`` (a copy only when the axis is inner)."""
+        if self.strategy == "tensor" or x.dim() == 0:
+            return x.reshape(1, -1)
+        axis = self._axis(x.dim())
+        groups = self.num_groups(x.shape)
+        if self.strategy == "channel":
+            return x.movedim(axis, 0).reshape(groups, -1)
+        if self.strategy == "token":
+            return x.reshape(groups, -1)
+        return x.movedim(axis, -1).reshape(groups, -1)
+
+    def unrows(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`rows`: back to ``shape``."""
+        if self.strategy in ("tensor", "token") or len(shape) == 0:
+            return y.reshape(shape)
+        axis = self._axis(len(shape))
+        moved = list(shape)
+        moved.insert(0 if self.strategy == "channel" else len(shape), moved.pop(axis))
+        return y.reshape(moved).movedim(0 if self.strategy == "channel" else -1, axis)

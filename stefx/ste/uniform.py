@@ -1,0 +1,120 @@
+"""``uniform``: k-bit affine fake quantization with a straight-through estimator.
+
+Forward, per scale group (see :mod:`stefx.ste.granularity`)::
+
+    q = clamp(round(x / s) + z, qmin, qmax)          codes
+    y = (q - z) * s                                  dequantized value
+
+- symmetric (``scale: absmax``): codes in [-2^(b-1), 2^(b-1) - 1], s = max|x| / (2^(b-1) - 1),
+  z = 0;
+- asymmetric (``scale: minmax``): codes in [0, 2^b - 1], s = (max(x,0) - min(x,0)) / (2^b - 1),
+  z = round(-min(x,0) / s), so that 0 is exactly representable.
+
+Backward (``estimator``): ``clipped`` (default) passes the gradient where the code was not
+clamped and zeroes it where it was, dy/dx = 1{qmin <= round(x/s)+z <= qmax}; ``identity``
+passes it everywhere. The scale is a statistic of the input, not a learned parameter: no
+gradient flows to it (as in ``torch.fake_quantize_per_channel_affine``, which this
+matches bit for bit for the same s and z). Per-token 8-bit absmax is the activation
+quantizer of BitNet (arXiv:2310.11453) and LLM.int8 (arXiv:2208.07339).
+
+``freeze(x)`` computes s and z once and keeps them (static quantization);
+``unfreeze()`` returns to per-call statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stefx.ste.base import Quantizer
+from stefx.ste.functions import fake_quant_rows
+from stefx.ste.spec import register_quantizer
+
+__all__ = ["UniformQuantizer", "code_range", "minmax_qparams"]
+
+_EPS = 1e-12
+
+
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer code range: [-2^(b-1), 2^(b-1)-1] signed, [0, 2^b - 1] unsigned."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def minmax_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int32) per group from per-group min and max."""
+    qmin, qmax = code_range(bits, symmetric)
+    lo = lo.float().nan_to_num(0.0, 0.0, 0.0).clamp(max=0.0)
+    hi = hi.float().nan_to_num(0.0, 0.0, 0.0).clamp(min=0.0)
+    if symmetric:
+        scale = (torch.maximum(-lo, hi) / qmax).clamp(min=_EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
+    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
+    return scale, zero
+
+
+@register_quantizer("uniform")
+class UniformQuantizer(Quantizer):
+    bits_choices = (2, 3, 4, 5, 6, 7, 8, 16)
+    default_bits = 8
+    strategies = ("tensor", "channel", "group", "token")
+    scales = ("absmax", "minmax")
+    estimators = ("clipped", "identity")
+    allows_asymmetric = True
+
+    @classmethod
+    def default_scale(cls, symmetric: bool) -> str:
+        return "absmax" if symmetric else "minmax"
+
+    @classmethod
+    def check_options(cls, options, where):
+        pass
+
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.qmin, self.qmax = code_range(self.bits, self.spec.symmetric)
+        self.frozen = False
+        self.register_buffer("scale", torch.empty(0), persistent=True)
+        self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32), persistent=True)
+
+    def qparams(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point for each row of ``rows`` (frozen ones if frozen)."""
+        if self.frozen:
+            return self.scale, self.zero_point
+        with torch.no_grad():
+            lo, hi = torch.aminmax(rows.detach(), dim=1)
+        return minmax_qparams(lo, hi, self.bits, self.spec.symmetric)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.granularity.rows(x)
+        scale, zero = self.qparams(rows)
+        clip = self.spec.estimator == "clipped"
+        y = fake_quant_rows(rows, scale, zero, self.qmin, self.qmax, clip)
+        return self.granularity.unrows(y, x.shape)
+
+    @torch.no_grad()
+    def freeze(self, x: torch.Tensor | None = None) -> None:
+        """Fix s and z from ``x`` (or keep the ones already stored) for later calls."""
+        if x is not None:
+            self.frozen = False
+            scale, zero = self.qparams(self.granularity.rows(x))
+            self.scale = scale.clone()
+            self.zero_point = zero.clone()
+        if self.scale.numel() == 0:
+            raise RuntimeError("freeze() needs a sample tensor the first time")
+        self.frozen = True
+
+    def unfreeze(self) -> None:
+        self.frozen = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Stored scales mean the quantizer was frozen when saved: resize and re-freeze.
+        for name in ("scale", "zero_point"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.frozen = self.scale.numel() > 0
