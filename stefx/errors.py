@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["StefxError", "RecipeError", "CaptureError", "NoMatchError", "did_you_mean"]
+__all__ = ["CaptureError", "NoMatchError", "RecipeError", "StefxError", "did_you_mean"]
 
 
 class StefxError(Exception):

@@ -20,12 +20,12 @@ __all__ = ["Registry"]
 class Registry(Generic[T]):
     """Maps names to objects of one kind.
 
-    >>> r = Registry("estimator")
-    >>> _ = r.add("identity", object())
-    >>> r.get("identty")
+    >>> r = Registry("thing")
+    >>> _ = r.add("clipped", object())
+    >>> r.get("clippd")
     Traceback (most recent call last):
     ...
-    stefx.errors.RecipeError: unknown estimator 'identty' (did you mean 'identity'?); registered: identity
+    stefx.errors.RecipeError: unknown thing 'clippd' (did you mean 'clipped'?); registered: clipped
     """
 
     def __init__(self, what: str, check: Callable[[object], bool] | None = None) -> None:
