@@ -1,0 +1,93 @@
+"""Op interception: quantize the operands of functional ops (matmul, bmm, SDPA...) inside
+one module's own forward, without tracing or replacing that module.
+
+Hugging Face attention is not fx-traceable and splicing a GraphModule in would cost the
+module its class, so op sites are materialised at run time instead: while the owning
+module runs, a ``TorchFunctionMode`` sees each torch-level call, counts calls per op kind
+(the same ordinals ``stefx.match`` read off the analysis graph) and routes the operands
+of the selected calls through their quantizers. Calls made inside child modules are not
+counted: the children's own hooks suspend the count while they run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["OP_KINDS", "OpInterceptor", "operand_positions"]
+
+#: torch-level callables -> op kind (the names the analysis graph uses).
+OP_KINDS: dict[Any, str] = {
+    torch.matmul: "matmul",
+    torch.Tensor.matmul: "matmul",
+    torch.Tensor.__matmul__: "matmul",
+    torch.bmm: "bmm",
+    torch.Tensor.bmm: "bmm",
+    torch.mm: "mm",
+    torch.Tensor.mm: "mm",
+    torch.baddbmm: "baddbmm",
+    torch.Tensor.baddbmm: "baddbmm",
+    torch.addmm: "addmm",
+    torch.Tensor.addmm: "addmm",
+    torch.einsum: "einsum",
+    F.scaled_dot_product_attention: "sdpa",
+}
+
+
+def operand_positions(kind: str, n_inputs: int) -> tuple[int, ...]:
+    """Argument positions of the tensor operands an op site quantizes."""
+    if kind in ("matmul", "bmm", "mm"):
+        return (0, 1)
+    if kind in ("baddbmm", "addmm"):
+        return (1, 2)  # not the additive input
+    if kind == "sdpa":
+        return (0, 1, 2)  # query, key, value
+    if kind == "einsum":
+        return tuple(range(1, 1 + n_inputs))
+    raise ValueError(f"no op-site operands known for kind {kind!r}")
+
+
+class OpInterceptor(TorchFunctionMode):
+    """Routes the operands and result of selected op calls through quantizers.
+
+    ``table`` maps (kind, ordinal) -> (list of operand quantizers or None, output quantizer
+    or None).
+    """
+
+    def __init__(self, table: dict[tuple[str, int], tuple[list, nn.Module | None]]) -> None:
+        super().__init__()
+        self.table = table
+        self.counts: Counter[str] = Counter()
+        self.suspended = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = OP_KINDS.get(func)
+        if kind is None or self.suspended:
+            return func(*args, **kwargs)
+        ordinal = self.counts[kind]
+        self.counts[kind] += 1
+        entry = self.table.get((kind, ordinal))
+        if entry is None:
+            return func(*args, **kwargs)
+        operand_qs, output_q = entry
+        if operand_qs:
+            args = list(args)
+            if kind == "einsum" and len(args) == 2 and isinstance(args[1], (list, tuple)):
+                args = [args[0], *args[1]]  # einsum(eq, [a, b]) -> einsum(eq, a, b)
+            for pos, q in zip(operand_positions(kind, len(args) - 1), operand_qs, strict=False):
+                if q is not None and pos < len(args) and _is_float(args[pos]):
+                    args[pos] = q(args[pos])
+        out = func(*args, **kwargs)
+        if output_q is not None and _is_float(out):
+            out = output_q(out)
+        return out
+
+
+def _is_float(x: object) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()

@@ -1,0 +1,268 @@
+"""Match: which sites of a captured model each recipe rule selects. Pure: reads, returns records.
+
+A **site** is one place a quantizer goes:
+
+- a *module site*: a module whose op reads its own weight (Linear, Conv, HF Conv1D,
+  Embedding, fused MoE experts...). ``weights`` quantizes the weight parameters it reads,
+  ``input_activations`` its first input, ``output_activations`` its output;
+- an *op site*: a functional op with no weight of its own (``torch.matmul`` for attention
+  QKᵀ and PV, ``bmm``, ``einsum``, SDPA), named ``<module>.<kind>_<n>`` for the n-th call
+  of that kind inside that module's own forward. ``input_activations`` quantizes its tensor
+  operands, ``output_activations`` its result.
+
+Selectors (``targets``, ``ignore``, ``within``, pattern elements) are strings:
+an op kind (``linear``, ``conv``, ``conv2d``, ``matmul``, ``sdpa``, ``embedding``,
+``experts``...), a module class name (any class in the module's MRO, case-sensitive:
+``Conv1D`` is Hugging Face's, ``Conv1d`` torch's), ``re:<regex>`` (full match on the
+site name), a glob (``*.q_proj``), or a plain name that matches the site name exactly or
+as a dotted suffix (``lm_head``, ``q_proj``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from stefx.capture.graph import Capture, OpNode
+from stefx.pattern import find_chains
+from stefx.recipe import FIELDS, FLOAT, Recipe, Rule
+from stefx.ste.spec import QuantSpec
+
+__all__ = ["FUNCTIONAL_KINDS", "Candidate", "Plan", "Site", "match"]
+
+#: Kinds of weightless ops that can carry an op site.
+FUNCTIONAL_KINDS = ("matmul", "bmm", "mm", "baddbmm", "addmm", "einsum", "sdpa")
+#: Kinds whose module op reads a weight of its own.
+WEIGHT_KINDS = ("linear", "conv", "conv_transpose", "embedding", "experts", "lstm", "gru", "rnn")
+_KIND_ALIASES = {"conv1d": ("conv", 1), "conv2d": ("conv", 2), "conv3d": ("conv", 3)}
+_GLOB = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Something a rule can select: a module op or a functional op, in run order."""
+
+    name: str  # module FQN, or "<module>.<kind>_<n>" for an op site
+    kind: str
+    module: str
+    type_names: tuple[str, ...]  # MRO class names of the module (op sites: of the owner)
+    params: tuple[str, ...] = ()  # local names of weight parameters the op reads
+    ordinal: int | None = None  # op sites: index among calls of this kind in the module
+    op: OpNode | None = None
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place to put quantizers, with the spec each field got from the recipe."""
+
+    name: str
+    kind: str
+    module: str
+    module_type: str
+    params: tuple[str, ...]
+    ordinal: int | None
+    weights: QuantSpec | None
+    input_activations: QuantSpec | None
+    output_activations: QuantSpec | None
+    rules: tuple[int, ...]
+    operands: int = 0  # op sites: number of tensor inputs of the op
+
+    @property
+    def is_op_site(self) -> bool:
+        return self.ordinal is not None
+
+
+@dataclass
+class Plan:
+    """What a recipe does to a model: sites, and rules that selected nothing."""
+
+    recipe: Recipe
+    sites: list[Site]
+    candidates: list[Candidate]
+    unmatched: list[Rule] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, str]]:
+        """One row per site, for printing (``stefx.explain``)."""
+        return [
+            {
+                "site": s.name,
+                "kind": s.kind,
+                "type": s.module_type,
+                "weights": _spec_text(s.weights) if s.params else "-",
+                "input": _spec_text(s.input_activations),
+                "output": _spec_text(s.output_activations),
+                "rules": ",".join(map(str, s.rules)),
+            }
+            for s in self.sites
+        ]
+
+    def __str__(self) -> str:
+        from tabulate import tabulate
+
+        head = f"recipe {self.recipe.name!r}: {len(self.sites)} sites"
+        lines = [head, tabulate(self.rows(), headers="keys", tablefmt="simple")]
+        for rule in self.unmatched:
+            lines.append(f"{rule.label} matched nothing: targets={list(rule.targets)}")
+        return "\n".join(lines)
+
+
+def _spec_text(spec: QuantSpec | None) -> str:
+    if spec is None:
+        return "float"
+    text = f"{spec.type}{spec.num_bits} {spec.strategy}"
+    if spec.group_size:
+        text += f"{spec.group_size}"
+    if spec.type == "binary" or spec.estimator not in ("clipped", "identity", ""):
+        text += f" {spec.estimator}"
+    return text if spec.enabled else text + " (off)"
+
+
+def _type_names(module: nn.Module | None) -> tuple[str, ...]:
+    if module is None:
+        return ()
+    return tuple(c.__name__ for c in type(module).__mro__ if c not in (nn.Module, object))
+
+
+def _local_param(model_params: dict, module: nn.Module, prefix: str, fqn: str) -> str | None:
+    """Name under ``module`` of the parameter ``fqn`` (tied weights have another FQN)."""
+    if prefix and fqn.startswith(prefix + "."):
+        local = fqn[len(prefix) + 1 :]
+        if "." not in local:
+            return local
+    target = model_params.get(fqn)
+    for name, p in module.named_parameters(recurse=False):
+        if p is target:
+            return name
+    return None
+
+
+def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
+    """Every selectable site of the captured model, in run order (first call)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    by_module: dict[str, Candidate] = {}
+    ordinals: Counter[tuple[str, str]] = Counter()
+    out: list[Candidate] = []
+    for op in capture.ops:
+        module = modules.get(op.module)
+        weights = (
+            [
+                local
+                for fqn in op.params.values()
+                if (local := _local_param(params, module, op.module, fqn)) is not None
+                and getattr(module, local).dim() >= 2
+            ]
+            if module is not None
+            else []
+        )
+        if weights:
+            kind = op.kind if op.kind in WEIGHT_KINDS else "linear"
+            old = by_module.get(op.module)
+            if old is None:
+                cand = Candidate(
+                    op.module, kind, op.module, _type_names(module), tuple(weights), op=op
+                )
+                by_module[op.module] = cand
+                out.append(cand)
+            else:
+                merged = tuple(dict.fromkeys((*old.params, *weights)))
+                new = Candidate(old.name, old.kind, old.module, old.type_names, merged, op=old.op)
+                by_module[op.module] = new
+                out[out.index(old)] = new
+        elif op.kind in FUNCTIONAL_KINDS:
+            n = ordinals[(op.module, op.kind)]
+            ordinals[(op.module, op.kind)] += 1
+            name = f"{op.module}.{op.kind}_{n}" if op.module else f"{op.kind}_{n}"
+            out.append(Candidate(name, op.kind, op.module, _type_names(module), (), n, op))
+    return out
+
+
+def selects(selector: str, cand: Candidate) -> bool:
+    """Whether one selector string picks a candidate (see the module docstring)."""
+    if selector.startswith("re:"):
+        return re.fullmatch(selector[3:], cand.name) is not None
+    if selector in _KIND_ALIASES:
+        kind, dims = _KIND_ALIASES[selector]
+        return cand.kind == kind and f"Conv{dims}d" in cand.type_names
+    if selector == cand.kind or selector in cand.type_names:
+        return True
+    if _GLOB.search(selector):
+        return fnmatch.fnmatchcase(cand.name, selector)
+    return cand.name == selector or cand.name.endswith("." + selector)
+
+
+def _within(scope: str, cand: Candidate) -> bool:
+    parts = cand.module.split(".") if cand.module else []
+    scopes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    for name in scopes:
+        if scope.startswith("re:"):
+            if re.fullmatch(scope[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, scope) or name == scope or name.endswith("." + scope):
+            return True
+    return False
+
+
+def _rule_selection(rule: Rule, cands: list[Candidate], capture: Capture) -> list[Candidate]:
+    if rule.pattern:
+        heads = {id(chain[0]) for chain in find_chains(rule.pattern, capture)}
+        chosen = [c for c in cands if c.op is not None and id(c.op) in heads]
+        if rule.targets:
+            chosen = [c for c in chosen if any(selects(t, c) for t in rule.targets)]
+    else:
+        chosen = [c for c in cands if any(selects(t, c) for t in rule.targets)]
+    chosen = [c for c in chosen if not any(selects(t, c) for t in rule.ignore)]
+    if rule.within is not None:
+        chosen = [c for c in chosen if _within(rule.within, c)]
+    if rule.position == "first":
+        chosen = chosen[:1]
+    elif rule.position == "last":
+        chosen = chosen[-1:]
+    return chosen
+
+
+def match(recipe: Recipe, capture: Capture, model: nn.Module) -> Plan:
+    """Apply the recipe's rules to the captured model; later rules override per field."""
+    cands = candidates(capture, model)
+    decided: dict[str, dict[str, object]] = {}
+    unmatched: list[Rule] = []
+    for rule in recipe.rules:
+        chosen = _rule_selection(rule, cands, capture)
+        if not chosen:
+            unmatched.append(rule)
+        for cand in chosen:
+            entry = decided.setdefault(cand.name, {"rules": []})
+            entry["rules"].append(rule.index)
+            for f in FIELDS:
+                value = getattr(rule, f)
+                if value is not None:
+                    entry[f] = value
+    sites = []
+    for cand in cands:
+        entry = decided.get(cand.name)
+        if entry is None:
+            continue
+        specs = {f: entry.get(f) for f in FIELDS}
+        specs = {f: (None if v == FLOAT else v) for f, v in specs.items()}
+        if not cand.params:
+            specs["weights"] = None
+        if all(v is None for v in specs.values()):
+            continue
+        sites.append(
+            Site(
+                name=cand.name,
+                kind=cand.kind,
+                module=cand.module,
+                module_type=cand.type_names[0] if cand.type_names else "",
+                params=cand.params if specs["weights"] is not None else (),
+                ordinal=cand.ordinal,
+                rules=tuple(entry["rules"]),
+                operands=sum(s is not None for s in cand.op.input_shapes) if cand.op else 0,
+                **specs,
+            )
+        )
+    return Plan(recipe, sites, cands, unmatched)

@@ -1,0 +1,227 @@
+"""Rewrite: put a Plan's quantizers on the live model. The only step that mutates a model.
+
+Every site is materialised on the module that owns it, so the model keeps its class,
+its methods and every state-dict key; quantizer state is added beside the weights:
+
+- a weight ``w`` of module ``m`` gets ``m.w_quantizer``; a forward pre-hook swaps the
+  quantized tensor in for the duration of ``m``'s forward and an always-called forward
+  hook puts the latent float parameter back (so ``m.weight`` outside forward, the
+  state dict and the optimizer all see the float weight, and the weight is quantized
+  once per call however often ``forward`` reads it);
+- ``input_activations`` / ``output_activations`` become ``m.input_quantizer`` /
+  ``m.output_quantizer`` applied by the same hooks;
+- op sites (functional matmul, bmm, SDPA... in ``m``'s own forward) go to
+  ``m.op_quantizers`` and an :class:`~stefx.intercept.OpInterceptor` active while ``m``
+  runs.
+
+Everything is built and checked before anything is attached, so a failure leaves the
+model untouched. The hooks are module-level functions (the model stays picklable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from stefx.errors import RecipeError
+from stefx.intercept import OpInterceptor, operand_positions
+from stefx.match import Plan, Site
+from stefx.ste.base import Quantizer
+from stefx.ste.spec import QuantSpec, make_quantizer
+
+__all__ = ["STATE_ATTR", "apply_plan", "dequantize", "quantized_modules"]
+
+STATE_ATTR = "_stefx_state"
+
+
+@dataclass
+class _ModuleState:
+    """What stefx attached to one module (kept on it as ``module._stefx_state``)."""
+
+    params: tuple[str, ...] = ()
+    has_input: bool = False
+    has_output: bool = False
+    op_table: dict = field(default_factory=dict)
+    handles: list = field(default_factory=list)
+    child_handles: list = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    latent: dict[str, nn.Parameter] = field(default_factory=dict)
+    interceptor: OpInterceptor | None = None
+
+
+def _weight_spec(spec: QuantSpec, param: torch.Tensor) -> QuantSpec:
+    """Fused expert weights [E, out, in]: a 'channel' scale is one per (expert, row)."""
+    if param.dim() == 3 and spec.strategy == "channel" and spec.axis is None:
+        return spec.replace(strategy="token")
+    return spec
+
+
+def _build(site: Site, module: nn.Module) -> dict[str, nn.Module]:
+    """The quantizer submodules a site needs, initialised; raises before anything mutates."""
+    built: dict[str, nn.Module] = {}
+    where = f"site {site.name!r} (rule {','.join(map(str, site.rules))})"
+    for p in site.params:
+        param = getattr(module, p)
+        spec = _weight_spec(site.weights, param)
+        q = make_quantizer(spec, f"{where} weights")
+        try:
+            q.granularity.num_groups(param.shape)
+        except ValueError as e:
+            raise RecipeError(f"{where} weights {p} {tuple(param.shape)}: {e}") from None
+        with torch.no_grad():
+            q.init_from(param.detach())
+        built[f"{p}_quantizer"] = q.to(param.device)
+    if site.is_op_site:
+        if site.input_activations is not None:
+            for i, _ in enumerate(operand_positions(site.kind, site.operands)):
+                built[f"{site.kind}_{site.ordinal}_in{i}"] = make_quantizer(
+                    site.input_activations, f"{where} input_activations"
+                )
+        if site.output_activations is not None:
+            built[f"{site.kind}_{site.ordinal}_out"] = make_quantizer(
+                site.output_activations, f"{where} output_activations"
+            )
+        return built
+    if site.input_activations is not None:
+        built["input_quantizer"] = make_quantizer(site.input_activations, f"{where} inputs")
+    if site.output_activations is not None:
+        built["output_quantizer"] = make_quantizer(site.output_activations, f"{where} outputs")
+    return built
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        return t.device
+    return None
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> list[str]:
+    """Attach every site of ``plan`` to ``model``; return the names of modules touched."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    staged: list[tuple[Site, nn.Module, dict[str, nn.Module]]] = []
+    for site in plan.sites:
+        module = modules[site.module]
+        if getattr(module, STATE_ATTR, None) is not None and not staged:
+            raise RecipeError(
+                f"module {site.module!r} is already quantized; call stefx.dequantize(model) first"
+            )
+        staged.append((site, module, _build(site, module)))
+    touched: list[str] = []
+    for site, module, built in staged:  # nothing below can fail on valid input
+        _attach(site, module, built)
+        if site.module not in touched:
+            touched.append(site.module)
+    return touched
+
+
+def _attach(site: Site, module: nn.Module, built: dict[str, nn.Module]) -> None:
+    state = getattr(module, STATE_ATTR, None)
+    if state is None:
+        state = _ModuleState()
+        object.__setattr__(module, STATE_ATTR, state)
+        state.handles.append(module.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+        state.handles.append(module.register_forward_hook(_post_hook, always_call=True))
+    if site.is_op_site:
+        if not hasattr(module, "op_quantizers"):
+            module.add_module("op_quantizers", nn.ModuleDict())
+            state.added.append("op_quantizers")
+            for child in module.children():
+                if isinstance(child, Quantizer) or child is module.op_quantizers:
+                    continue
+                suspend, resume = partial(_suspend, module), partial(_resume, module)
+                state.child_handles.append(child.register_forward_pre_hook(suspend))
+                state.child_handles.append(child.register_forward_hook(resume, always_call=True))
+        for name, q in built.items():
+            module.op_quantizers[name] = q
+        key = (site.kind, site.ordinal)
+        ins = [q for n, q in built.items() if n.rsplit("_", 1)[-1].startswith("in")]
+        out = built.get(f"{site.kind}_{site.ordinal}_out")
+        state.op_table[key] = (ins, out)
+        return
+    for name, q in built.items():
+        if hasattr(module, name) and name not in state.added:
+            raise RecipeError(f"module {site.module!r} already has an attribute {name!r}")
+        module.add_module(name, q)
+        state.added.append(name)
+    state.params = tuple(dict.fromkeys((*state.params, *site.params)))
+    state.has_input = state.has_input or "input_quantizer" in built
+    state.has_output = state.has_output or "output_quantizer" in built
+
+
+def _quantize_first_input(q: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            if a.is_floating_point():
+                args = (*args[:i], q(a), *args[i + 1 :])
+            return args, kwargs
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point():
+                kwargs = {**kwargs, k: q(v)}
+            return args, kwargs
+    return args, kwargs
+
+
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    state: _ModuleState = getattr(module, STATE_ATTR)
+    for p in state.params:
+        latent = module._parameters[p]
+        state.latent[p] = latent
+        module._parameters[p] = getattr(module, f"{p}_quantizer")(latent)
+    if state.has_input:
+        args, kwargs = _quantize_first_input(module.input_quantizer, args, kwargs)
+    if state.op_table:
+        state.interceptor = OpInterceptor(state.op_table)
+        state.interceptor.__enter__()
+    return args, kwargs
+
+
+def _post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    state: _ModuleState = getattr(module, STATE_ATTR)
+    if state.interceptor is not None:
+        state.interceptor.__exit__(None, None, None)
+        state.interceptor = None
+    for p, latent in state.latent.items():
+        module._parameters[p] = latent
+    state.latent.clear()
+    if state.has_output and isinstance(output, torch.Tensor) and output.is_floating_point():
+        return module.output_quantizer(output)
+    return output
+
+
+def _suspend(owner: nn.Module, child: nn.Module, args: tuple) -> None:
+    """Ops inside a child module belong to the child: stop counting for the owner."""
+    mode = getattr(owner, STATE_ATTR).interceptor
+    if mode is not None:
+        mode.suspended += 1
+
+
+def _resume(owner: nn.Module, child: nn.Module, args: tuple, output: Any) -> None:
+    mode = getattr(owner, STATE_ATTR).interceptor
+    if mode is not None and mode.suspended:
+        mode.suspended -= 1
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules of ``model`` that carry stefx quantizers, by FQN."""
+    return {
+        name: m for name, m in model.named_modules() if getattr(m, STATE_ATTR, None) is not None
+    }
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Remove every stefx quantizer and hook: the model is its float self again (in place)."""
+    for module in quantized_modules(model).values():
+        state: _ModuleState = getattr(module, STATE_ATTR)
+        for h in (*state.handles, *state.child_handles):
+            h.remove()
+        for p, latent in state.latent.items():
+            module._parameters[p] = latent
+        for name in state.added:
+            delattr(module, name)
+        object.__delattr__(module, STATE_ATTR)
+    return model
