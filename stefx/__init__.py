@@ -6,7 +6,10 @@
 4
 """
 
+from stefx.api import dequantize, explain, quantize
+from stefx.capture import capture
 from stefx.errors import CaptureError, NoMatchError, RecipeError, StefxError
+from stefx.recipe import Recipe, Rule, load_recipe, preset_names
 from stefx.ste import Quantizer, QuantSpec, make_quantizer, register_quantizer
 
 __version__ = "0.1.0"
@@ -16,8 +19,16 @@ __all__ = [
     "NoMatchError",
     "QuantSpec",
     "Quantizer",
+    "Recipe",
     "RecipeError",
+    "Rule",
     "StefxError",
+    "capture",
+    "dequantize",
+    "explain",
+    "load_recipe",
     "make_quantizer",
+    "preset_names",
+    "quantize",
     "register_quantizer",
 ]

@@ -36,6 +36,7 @@ __all__ = ["FUNCTIONAL_KINDS", "Candidate", "Plan", "Site", "match"]
 
 #: Kinds of weightless ops that can carry an op site.
 FUNCTIONAL_KINDS = ("matmul", "bmm", "mm", "baddbmm", "addmm", "einsum", "sdpa")
+MATMUL_KINDS = ("linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "einsum")
 #: Kinds whose module op reads a weight of its own.
 WEIGHT_KINDS = ("linear", "conv", "conv_transpose", "embedding", "experts", "lstm", "gru", "rnn")
 _KIND_ALIASES = {"conv1d": ("conv", 1), "conv2d": ("conv", 2), "conv3d": ("conv", 3)}
@@ -53,6 +54,7 @@ class Candidate:
     params: tuple[str, ...] = ()  # local names of weight parameters the op reads
     ordinal: int | None = None  # op sites: index among calls of this kind in the module
     op: OpNode | None = None
+    expert_in_axis: dict[str, int] = field(default_factory=dict)  # fused [E, ., .] weights
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Site:
     output_activations: QuantSpec | None
     rules: tuple[int, ...]
     operands: int = 0  # op sites: number of tensor inputs of the op
+    expert_in_axis: dict[str, int] = field(default_factory=dict)  # experts: param -> in axis
 
     @property
     def is_op_site(self) -> bool:
@@ -140,40 +143,68 @@ def _local_param(model_params: dict, module: nn.Module, prefix: str, fqn: str) -
     return None
 
 
+def _module_kind(op: OpNode) -> str | None:
+    """Kind of a module op that reads its own weight, or None for ops that only view it."""
+    if op.kind in WEIGHT_KINDS:
+        return op.kind
+    if op.kind in MATMUL_KINDS:
+        return "linear"  # e.g. Hugging Face Conv1D: addmm(bias, x, weight)
+    return None
+
+
+def _expert_in_axis(op: OpNode, weight_shape: tuple[int, ...]) -> int:
+    """Which axis of a fused [E, ., .] expert weight is the input (reduced) dimension."""
+    x = op.input_shapes[0] if op.input_shapes else None
+    if x and len(weight_shape) == 3 and weight_shape[1] == x[-1] != weight_shape[2]:
+        return 1
+    return 2
+
+
 def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
     """Every selectable site of the captured model, in run order (first call)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     params = dict(model.named_parameters(remove_duplicate=False))
-    by_module: dict[str, Candidate] = {}
+    slots: dict[str, int] = {}
     ordinals: Counter[tuple[str, str]] = Counter()
     out: list[Candidate] = []
     for op in capture.ops:
         module = modules.get(op.module)
-        weights = (
-            [
-                local
-                for fqn in op.params.values()
-                if (local := _local_param(params, module, op.module, fqn)) is not None
-                and getattr(module, local).dim() >= 2
-            ]
-            if module is not None
-            else []
-        )
+        kind = _module_kind(op)
+        weights = []
+        if module is not None and kind is not None:
+            for fqn in op.params.values():
+                local = _local_param(params, module, op.module, fqn)
+                if local is not None and getattr(module, local).dim() >= 2:
+                    weights.append(local)
         if weights:
-            kind = op.kind if op.kind in WEIGHT_KINDS else "linear"
-            old = by_module.get(op.module)
-            if old is None:
-                cand = Candidate(
-                    op.module, kind, op.module, _type_names(module), tuple(weights), op=op
+            axes = {w: _expert_in_axis(op, tuple(getattr(module, w).shape)) for w in weights}
+            axes = axes if kind == "experts" else {}
+            if op.module not in slots:
+                slots[op.module] = len(out)
+                types = _type_names(module)
+                out.append(
+                    Candidate(
+                        op.module,
+                        kind,
+                        op.module,
+                        types,
+                        tuple(weights),
+                        op=op,
+                        expert_in_axis=axes,
+                    )
                 )
-                by_module[op.module] = cand
-                out.append(cand)
             else:
-                merged = tuple(dict.fromkeys((*old.params, *weights)))
-                new = Candidate(old.name, old.kind, old.module, old.type_names, merged, op=old.op)
-                by_module[op.module] = new
-                out[out.index(old)] = new
-        elif op.kind in FUNCTIONAL_KINDS:
+                old = out[slots[op.module]]
+                out[slots[op.module]] = Candidate(
+                    old.name,
+                    "experts" if "experts" in (kind, old.kind) else old.kind,
+                    old.module,
+                    old.type_names,
+                    tuple(dict.fromkeys((*old.params, *weights))),
+                    op=old.op,
+                    expert_in_axis={**old.expert_in_axis, **axes},
+                )
+        elif op.kind in FUNCTIONAL_KINDS and not op.params:
             n = ordinals[(op.module, op.kind)]
             ordinals[(op.module, op.kind)] += 1
             name = f"{op.module}.{op.kind}_{n}" if op.module else f"{op.kind}_{n}"
@@ -261,6 +292,7 @@ def match(recipe: Recipe, capture: Capture, model: nn.Module) -> Plan:
                 params=cand.params if specs["weights"] is not None else (),
                 ordinal=cand.ordinal,
                 rules=tuple(entry["rules"]),
+                expert_in_axis=cand.expert_in_axis,
                 operands=sum(s is not None for s in cand.op.input_shapes) if cand.op else 0,
                 **specs,
             )

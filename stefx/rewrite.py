@@ -53,10 +53,11 @@ class _ModuleState:
     interceptor: OpInterceptor | None = None
 
 
-def _weight_spec(spec: QuantSpec, param: torch.Tensor) -> QuantSpec:
-    """Fused expert weights [E, out, in]: a 'channel' scale is one per (expert, row)."""
-    if param.dim() == 3 and spec.strategy == "channel" and spec.axis is None:
-        return spec.replace(strategy="token")
+def _weight_spec(spec: QuantSpec, param: torch.Tensor, in_axis: int | None) -> QuantSpec:
+    """Fused expert weights [E, ., .]: 'channel' means one scale per (expert, output row),
+    i.e. groups that span the whole input axis."""
+    if in_axis is not None and spec.strategy == "channel" and spec.axis is None:
+        return spec.replace(strategy="group", axis=in_axis, group_size=param.shape[in_axis])
     return spec
 
 
@@ -66,7 +67,7 @@ def _build(site: Site, module: nn.Module) -> dict[str, nn.Module]:
     where = f"site {site.name!r} (rule {','.join(map(str, site.rules))})"
     for p in site.params:
         param = getattr(module, p)
-        spec = _weight_spec(site.weights, param)
+        spec = _weight_spec(site.weights, param, site.expert_in_axis.get(p))
         q = make_quantizer(spec, f"{where} weights")
         try:
             q.granularity.num_groups(param.shape)

@@ -1,0 +1,5 @@
+import sys
+
+from stefx.cli import main
+
+sys.exit(main())

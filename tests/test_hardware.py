@@ -1,0 +1,181 @@
+"""Hardware profiles: shipped data loads with sources; roofline and energy by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from stefx.capture.graph import OpNode
+from stefx.errors import StefxError
+from stefx.profile import hardware as hw
+from stefx.profile.costs import Cost, cost_of
+from stefx.profile.hardware import (
+    energy,
+    hardware_names,
+    load_energy_table,
+    load_hardware,
+    mac_energy_pj,
+    peak_ops,
+    register_hardware,
+    roofline_latency,
+)
+
+PJ = 1e-12
+
+
+def linear(tokens: int, n_in: int, n_out: int) -> OpNode:
+    """A module-call Linear node, as capture records it."""
+    return OpNode(
+        "fc", "linear", "Linear", module="fc", module_type="Linear",
+        params={"weight": "fc.weight"}, param_shapes={"weight": (n_out, n_in)},
+        input_shapes=((tokens, n_in),), output_shape=(tokens, n_out),
+    )  # fmt: skip
+
+
+DEVICE_YAML = """
+name: {name}
+kind: device
+description: a test device
+sources: [https://example.org/datasheet]
+peak_ops: {{fp32: 1e12, bf16: 2.0e+12, int8: 4e12, int4: null}}
+memory_bandwidth: 1e11
+energy: horowitz45nm
+"""
+
+
+@pytest.mark.parametrize("name", ["a100", "h100", "h200", "cpu-x86"])
+def test_shipped_profiles_load_with_sources(name):
+    p = load_hardware(name)
+    assert p.name == name and p.description and p.sources and p.assumptions
+    assert all(s.strip() for s in p.sources)
+    assert p.peak_ops["fp32"] > 0 and p.memory_bandwidth > 0
+    assert set(p.peak_ops) >= {"fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4", "binary"}
+    assert p.energy is load_energy_table("horowitz45nm")
+    assert name in hardware_names()
+
+
+def test_horowitz_table_matches_the_paper():
+    t = load_energy_table("horowitz45nm")
+    assert "10.1109/ISSCC.2014.6757323" in " ".join(t.sources)
+    assert dict(t.add_pj) == {"int8": 0.03, "int32": 0.1, "fp16": 0.4, "fp32": 0.9}
+    assert dict(t.mult_pj) == {"int8": 0.2, "int32": 3.1, "fp16": 1.1, "fp32": 3.7}
+    # per 64-bit access: 8 KB SRAM 10 pJ, DRAM 1.3-2.6 nJ -> per byte
+    assert t.pj_per_byte["sram_8kb"] == 10 / 8
+    assert (t.pj_per_byte["dram"], t.pj_per_byte["dram_high"]) == (1300 / 8, 2600 / 8)
+
+
+def test_peak_ops_picks_the_best_path_that_holds_the_width():
+    a100, h100, cpu = load_hardware("a100"), load_hardware("h100"), load_hardware("cpu-x86")
+    assert peak_ops(a100, 8) == 624e12
+    assert peak_ops(a100, 4) == peak_ops(a100, 3) == 1248e12  # int4 exists on Ampere
+    assert peak_ops(a100, 1) == 4992e12
+    assert peak_ops(h100, 4) == 1978.9e12  # Hopper has no int4: the int8 path
+    assert peak_ops(cpu, 2) == 20.48e12  # VNNI int8
+    assert peak_ops(a100, 12) == 19.5e12  # no int16 path: float at float_bits
+    assert peak_ops(a100) == 19.5e12 and peak_ops(a100, None, float_bits=16) == 312e12
+    assert peak_ops(a100, None, float_bits=8) == 312e12  # no fp8 on Ampere: bf16
+    assert peak_ops(h100, None, float_bits=8) == 1978.9e12
+
+
+def test_roofline_compute_bound_matmul_by_hand():
+    # 4096^3 bf16 mm on an A100: 2 x 4096^3 ops at 312 TFLOP/s vs 3 x 4096^2 x 2 bytes
+    n = 4096
+    c = cost_of(
+        OpNode("mm", "mm", "mm", input_shapes=((n, n), (n, n)), output_shape=(n, n)), float_bits=16
+    )
+    seconds, bound = roofline_latency(c, load_hardware("a100"), float_bits=16)
+    assert bound == "compute-bound"
+    assert seconds == pytest.approx(2 * n**3 / 312e12, rel=1e-12)
+    assert c.bytes_moved / 2.039e12 < seconds
+
+
+def test_roofline_memory_bound_gemv_and_integer_path():
+    # batch-1 Linear 4096 -> 4096, int8 weights and activations on an H100
+    n = 4096
+    op = linear(1, n, n)
+    c = cost_of(op, w_bits=8, a_bits=8, out_bits=16)
+    h100 = load_hardware("h100")
+    seconds, bound = roofline_latency(c, h100, 8, 8)
+    assert bound == "memory-bound"
+    assert seconds == pytest.approx((n * n + n + 2 * n) / 3.35e12, rel=1e-12)
+    assert 2 * n * n / 1978.9e12 < seconds  # the int8 compute time it hides
+
+
+def test_roofline_non_mac_flops_use_the_fp32_rate():
+    c = Cost(flops=1_000_000, macs=0, act_in_bytes=1.0)
+    seconds, bound = roofline_latency(c, load_hardware("a100"), float_bits=16)
+    assert (seconds, bound) == (pytest.approx(1e6 / 19.5e12), "compute-bound")
+
+
+def test_mac_energy_scaling_rules():
+    t = load_energy_table("horowitz45nm")
+    assert mac_energy_pj(t) == pytest.approx(3.7 + 0.9)  # fp32
+    assert mac_energy_pj(t, float_bits=16) == pytest.approx(1.1 + 0.4)
+    assert mac_energy_pj(t, 8, None) == pytest.approx(4.6)  # weight-only: float multiply
+    # w8a8: 0.2 pJ multiply; 16-bit accumulator between int8 (0.03) and int32 (0.1)
+    assert mac_energy_pj(t, 8, 8) == pytest.approx(0.2 + 0.03 + 0.07 * 8 / 24)
+    assert mac_energy_pj(t, 8, 8, acc_bits=32) == pytest.approx(0.2 + 0.1)
+    # w4a8: multiplier scales with 4 x 8 / (8 x 8); 12-bit accumulator
+    assert mac_energy_pj(t, 4, 8) == pytest.approx(0.1 + 0.03 + 0.07 * 4 / 24)
+    # w1a1 (binary): below the table, proportional: 0.2 / 64 and 0.03 x 2 / 8
+    assert mac_energy_pj(t, 1, 1) == pytest.approx(0.2 / 64 + 0.0075)
+    # 16 x 16: between int8 (64) and int32 (1024) products, linear
+    assert mac_energy_pj(t, 16, 16, acc_bits=32) == pytest.approx(0.2 + 2.9 * 192 / 960 + 0.1)
+
+
+def test_energy_by_hand():
+    # Linear 4 -> 5 on [3, 4], fp32: 60 MACs, 80 + 48 + 60 bytes from DRAM
+    op = linear(3, 4, 5)
+    fp32 = cost_of(op)
+    assert energy(fp32, "a100") == pytest.approx((60 * 4.6 + 188 * 162.5) * PJ)
+    sram = energy(fp32, load_energy_table("horowitz45nm"), memory="sram_8kb")
+    assert sram == pytest.approx((60 * 4.6 + 188 * 1.25) * PJ)
+    w4a8 = cost_of(op, w_bits=4, a_bits=8)  # 10 + 12 + 60 bytes
+    expected = 60 * (0.1 + 0.03 + 0.07 * 4 / 24) + 82 * 162.5
+    assert energy(w4a8, load_hardware("h100"), 4, 8) == pytest.approx(expected * PJ)
+    norm = Cost(flops=100)  # non-MAC FLOPs: one fp32 add each
+    assert energy(norm, "horowitz45nm") == pytest.approx(100 * 0.9 * PJ)
+
+
+def test_unknown_names_raise_with_suggestions():
+    with pytest.raises(StefxError, match="did you mean 'h100'"):
+        load_hardware("h10")
+    with pytest.raises(StefxError, match="did you mean 'horowitz45nm'"):
+        load_energy_table("horowitz45")
+    with pytest.raises(StefxError, match="did you mean 'a100'"):
+        energy(Cost(), "a10")
+    with pytest.raises(StefxError, match="did you mean 'dram'"):
+        energy(Cost(), "a100", memory="dramm")
+
+
+def test_profile_from_a_yaml_file_and_registration(tmp_path):
+    path = tmp_path / "toy.yaml"
+    path.write_text(DEVICE_YAML.format(name="stefx-test-toy"))
+    toy = load_hardware(path)
+    assert toy.peak_ops["fp32"] == 1e12 and toy.peak_ops["int4"] is None  # '1e12' accepted
+    assert peak_ops(toy, 4) == 4e12 and toy.memory_bandwidth == 1e11
+    try:
+        assert register_hardware(str(path)) == toy
+        assert load_hardware("stefx-test-toy") == toy
+        with pytest.raises(ValueError, match="already registered"):
+            register_hardware(toy)
+    finally:
+        hw._HARDWARE.remove("stefx-test-toy")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("fp32:", "fp23:"), "did you mean 'fp32'"),
+        (lambda t: t.replace("sources: [https://example.org/datasheet]", ""), "'sources'"),
+        (lambda t: t.replace("fp32: 1e12", "fp32: null"), "fp32 is required"),
+        (lambda t: t.replace("memory_bandwidth: 1e11", "memory_bandwidth: fast"), "number"),
+        (lambda t: t.replace("kind: device", "kind: gpu"), "kind must be"),
+    ],
+)
+def test_invalid_files_name_the_field(tmp_path, edit, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(edit(DEVICE_YAML.format(name="bad")))
+    with pytest.raises(StefxError, match=message):
+        load_hardware(path)
+    with pytest.raises(StefxError, match="cannot read"):
+        load_hardware(tmp_path / "missing.yaml")

@@ -1,0 +1,249 @@
+"""stefx.quantize over the model zoo: the contract a user relies on, model by model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import stefx
+from stefx.capture.inputs import bind_inputs, example_inputs_for, is_hf_model
+from stefx.rewrite import quantized_modules
+from tests.zoo import HF_ZOO, PLAIN_ZOO, build
+
+ZOO = [*PLAIN_ZOO, *HF_ZOO]
+
+RECIPE = {
+    "name": "contract",
+    "on_no_match": "ignore",
+    "rules": [
+        {
+            "targets": ["linear", "conv", "conv_transpose"],
+            "weights": {"type": "lsq", "num_bits": 4, "strategy": "channel"},
+            "input_activations": {"type": "uniform", "num_bits": 8, "strategy": "token"},
+        },
+        {
+            "targets": ["experts"],
+            "weights": {"type": "uniform", "num_bits": 4, "strategy": "channel"},
+        },
+    ],
+}
+
+
+def _inputs(model, example):
+    if example is None:
+        example = example_inputs_for(model)
+    args, kwargs = bind_inputs(model, example)
+    if is_hf_model(model):
+        kwargs.setdefault("use_cache", False) if "use_cache" in _forward_args(model) else None
+    return args, kwargs
+
+
+def _forward_args(model):
+    import inspect
+
+    return inspect.signature(model.forward).parameters
+
+
+def _first_float(out):
+    if isinstance(out, torch.Tensor):
+        return out if out.is_floating_point() else None
+    values = out.values() if isinstance(out, dict) else out
+    if hasattr(out, "to_tuple"):
+        values = out.to_tuple()
+    for v in values:
+        found = _first_float(v) if isinstance(v, (torch.Tensor, tuple, list, dict)) else None
+        if found is not None:
+            return found
+    return None
+
+
+def _linear_like(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return True
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return True
+    return type(module).__name__ == "Conv1D"  # Hugging Face GPT-2
+
+
+def _modules_that_ran(model, args, kwargs) -> set[str]:
+    """Reference set: every Linear/Conv-like module called in a real forward."""
+    ran: set[str] = set()
+    handles = [
+        m.register_forward_hook(lambda mod, a, o, name=name: ran.add(name))
+        for name, m in model.named_modules()
+        if _linear_like(m)
+    ]
+    with torch.no_grad():
+        model(*args, **kwargs)
+    for h in handles:
+        h.remove()
+    return ran
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_quantize_contract(name):
+    model, example = build(name)
+    model.eval()
+    args, kwargs = _inputs(model, example)
+    expected = _modules_that_ran(model, args, kwargs)
+    cls, keys = type(model), set(model.state_dict())
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        ref = _first_float(model(*args, **kwargs)).clone()
+
+    qmodel = stefx.quantize(model, RECIPE, example, report=False)
+
+    assert qmodel is model and type(qmodel) is cls
+    assert keys <= set(qmodel.state_dict()), "an original state-dict key went missing"
+    assert {n: p.data_ptr() for n, p in model.named_parameters() if n in ptrs} == ptrs
+    touched = {n for n, m in quantized_modules(model).items() if hasattr(m, "weight_quantizer")}
+    assert expected <= touched, f"not reached: {sorted(expected - touched)}"
+
+    # Disabled quantizers give the float model bit for bit.
+    quantizers = [m for m in model.modules() if isinstance(m, stefx.Quantizer)]
+    for q in quantizers:
+        q.enabled = False
+    with torch.no_grad():
+        assert torch.equal(_first_float(model(*args, **kwargs)), ref)
+    for q in quantizers:
+        q.enabled = True
+
+    # Forward + backward reach the latent float weights and the learned step sizes
+    # (in eval mode, so BatchNorm statistics stay put for the round trip below).
+    out = _first_float(model(*args, **kwargs))
+    assert out is not None and torch.isfinite(out).all()
+    out.float().pow(2).mean().backward()
+    module = model.get_submodule(sorted(expected or touched)[0])
+    assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    assert module.weight_quantizer.scale.grad is not None
+    assert isinstance(module.weight, nn.Parameter), "latent weight not restored after forward"
+
+    # dequantize restores the float model exactly.
+    stefx.dequantize(model)
+    assert set(model.state_dict()) == keys
+    assert not any(isinstance(m, stefx.Quantizer) for m in model.modules())
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(_first_float(model(*args, **kwargs)), ref)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_quantized_causal_lm_still_generates(name):
+    model, _ = build(name)
+    stefx.quantize(model, "w4a8", report=False)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_attention_matmuls_are_quantizable(name):
+    model, _ = build(name)
+    recipe = {
+        "name": "attn",
+        "rules": [
+            {
+                "targets": ["matmul"],
+                "within": "re:.*(attn|attention).*",
+                "input_activations": {"type": "uniform", "num_bits": 4, "strategy": "tensor"},
+            }
+        ],
+    }
+    plan = stefx.explain(model, recipe)
+    assert plan.sites and all(s.kind == "matmul" for s in plan.sites)
+    per_module = {}
+    for s in plan.sites:
+        per_module.setdefault(s.module, []).append(s.ordinal)
+    assert all(sorted(v) == [0, 1] for v in per_module.values()), per_module  # QK^T and PV
+    model.eval()
+    args, kwargs = _inputs(model, None)
+    with torch.no_grad():
+        ref = _first_float(model(*args, **kwargs)).clone()
+    stefx.quantize(model, recipe, report=False)
+    calls = []
+    for m in model.modules():
+        if hasattr(m, "op_quantizers"):
+            for key, q in m.op_quantizers.items():
+                q.register_forward_hook(lambda mod, a, o, key=key: calls.append(key))
+    with torch.no_grad():
+        out = _first_float(model(*args, **kwargs))
+    assert not torch.equal(out, ref), "4-bit attention operands changed nothing"
+    layers = len(per_module)
+    assert sorted(set(calls)) == ["matmul_0_in0", "matmul_0_in1", "matmul_1_in0", "matmul_1_in1"]
+    assert len(calls) == 4 * layers
+
+
+def test_moe_fused_experts_are_quantized_not_skipped():
+    model, _ = build("mixtral")
+    plan = stefx.explain(model, RECIPE)
+    experts = [s for s in plan.sites if s.kind == "experts"]
+    assert experts, "fused expert weights were silently skipped"
+    for site in experts:
+        module = model.get_submodule(site.module)
+        for p in site.params:
+            assert getattr(module, p).dim() == 3
+
+
+def test_failure_leaves_the_model_untouched():
+    model, example = build("mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = {
+        "name": "bad",
+        "rules": [
+            {"targets": ["linear"], "weights": {"type": "uniform", "num_bits": 4}},
+            {
+                "targets": ["linear"],
+                "position": "last",
+                "weights": {"type": "uniform", "num_bits": 4, "strategy": "group", "group_size": 7},
+            },
+        ],
+    }
+    with pytest.raises(stefx.RecipeError, match="group_size 7"):
+        stefx.quantize(model, bad, example, report=False)
+    assert not quantized_modules(model)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_rule_that_matches_nothing():
+    model, example = build("mlp")
+    recipe = {"name": "r", "rules": [{"targets": ["Conv2d"], "weights": {"type": "uniform"}}]}
+    with pytest.raises(stefx.NoMatchError, match="rule 0 matched nothing"):
+        stefx.quantize(model, recipe, example, report=False)
+    assert not quantized_modules(model)
+    with pytest.warns(UserWarning, match="matched nothing"):
+        stefx.quantize(model, {**recipe, "on_no_match": "warn"}, example, report=False)
+
+
+def test_quantizing_twice_is_refused():
+    model, example = build("mlp")
+    stefx.quantize(model, "w8a8", example, report=False)
+    with pytest.raises(stefx.StefxError, match="dequantize"):
+        stefx.quantize(model, "w8a8", example, report=False)
+
+
+@pytest.mark.parametrize("preset", stefx.preset_names())
+def test_every_preset_applies(preset):
+    torch.manual_seed(0)
+    width = 128  # group presets need in-features divisible by 128
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, 10),
+    )
+    x = torch.randn(2, 3, 4, 4)
+    recipe = stefx.load_recipe(preset)
+    relaxed = stefx.Recipe(recipe.name, recipe.rules, recipe.description, "ignore")
+    stefx.quantize(model, relaxed, (x,), report=False)
+    assert quantized_modules(model)
+    out = model(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
