@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-import subprocess
 import sys
 from typing import Any
 
@@ -74,9 +73,7 @@ def _ran_modules(model: nn.Module, inputs: Any) -> set[str]:
         m.register_forward_hook(lambda mod, a, o, n=name: ran.add(n))
         for name, m in model.named_modules()
     ]
-    if inputs is None:
-        inputs = example_inputs_for(model)
-        inputs = {**inputs, "use_cache": False} if "decoder" in str(type(model)) else inputs
+    inputs = example_inputs_for(model) if inputs is None else inputs
     args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
     was_training = model.training
     model.eval()
@@ -114,7 +111,7 @@ def test_capture_names_every_op_after_the_model(name: str) -> None:
     cap.graph.lint()
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [n for n in ALL if n != "functional"])  # raw parameters only
 def test_every_weight_module_that_runs_has_its_op(name: str) -> None:
     model, inputs, cap = _captured(name)
     ran = _ran_modules(model, inputs)
@@ -133,8 +130,12 @@ def test_every_weight_module_that_runs_has_its_op(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_shapes_are_propagated(name: str) -> None:
-    model, _, cap = _captured(name)
-    weighted = [op for op in cap.ops if op.kind in ("linear", "conv", "addmm", "embedding")]
+    _, _, cap = _captured(name)
+    weighted = [
+        op
+        for op in cap.ops
+        if op.kind in ("linear", "conv", "addmm", "embedding") and "inside_opaque" not in op.attrs
+    ]
     assert weighted
     for op in weighted:
         assert op.output_shape is not None and op.dtype == "torch.float32", op.name
@@ -142,7 +143,7 @@ def test_shapes_are_propagated(name: str) -> None:
 
 
 def test_linear_shapes_match_the_modules() -> None:
-    model, _, cap = _captured("llama")
+    _, _, cap = _captured("llama")
     q = next(op for op in cap.ops if op.module == "model.layers.0.self_attn.q_proj")
     assert (q.kind, q.output_shape, q.input_shapes[0]) == ("linear", (1, 8, 32), (1, 8, 32))
     assert q.params == {"weight": "model.layers.0.self_attn.q_proj.weight"}
@@ -153,7 +154,7 @@ def test_linear_shapes_match_the_modules() -> None:
 
 def test_gpt2_conv1d_addmm_and_tied_lm_head() -> None:
     model, _, cap = _captured("gpt2")
-    c_attn = [op for op in cap.ops if op.module == "transformer.h.0.attn.c_attn"]
+    c_attn = [op for op in cap.ops if op.module == "transformer.h.0.attn.c_attn" and op.params]
     assert [(op.kind, op.module_type) for op in c_attn] == [("addmm", "Conv1D")]
     assert c_attn[0].params == {
         "weight": "transformer.h.0.attn.c_attn.weight",
@@ -216,6 +217,20 @@ def test_moe_expert_tensors_show_up_as_experts_ops(name: str) -> None:
         assert op.module == fqn.rpartition(".")[0] and op.module_type.endswith("Experts")
 
 
+def test_moe_batched_mm_experts_read_gathered_expert_weights() -> None:
+    config = hf_config("qwen2_moe")
+    config.num_hidden_layers = 1
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, experts_implementation="batched_mm"
+    )
+    experts = [op for op in capture(model).ops if op.kind == "experts"]
+    assert [(op.target, op.params["weight"].rsplit(".", 1)[1]) for op in experts] == [
+        ("aten.bmm.default", "gate_up_proj"),
+        ("aten.bmm.default", "down_proj"),
+    ]
+    assert experts[0].input_shapes[0] == (16, 64, 32)  # 8 tokens x top-2 gathered weights
+
+
 def test_moe_that_does_not_export_whole_falls_back_to_regions() -> None:
     config = hf_config("mixtral")
     config.num_hidden_layers = 1
@@ -248,15 +263,8 @@ def test_untraceable_submodule_becomes_an_opaque_leaf_with_its_linears_listed() 
     assert all(
         op.kind == "linear" and op.params["weight"] == f"{m}.weight" for m, op in inner.items()
     )
-    branch = (
-        "block.pos"
-        if (
-            inputs[0] @ _CAPTURES["data_dependent"][0].inp.weight.T
-            + _CAPTURES["data_dependent"][0].inp.bias
-        ).sum()
-        > 0
-        else "block.neg"
-    )
+    model = _CAPTURES["data_dependent"][0]
+    (branch,) = {"block.pos", "block.neg"} & _ran_modules(model, inputs)
     assert inner[branch].output_shape == (3, 16)  # shapes seen by the real fallback pass
     assert [
         op.module for op in cap.ops if op.kind == "linear" and "inside_opaque" not in op.attrs
@@ -267,7 +275,8 @@ def test_conv_attrs() -> None:
     _, _, cap = _captured("grouped_conv")
     by_module = {op.module: op for op in cap.ops if op.kind == "conv"}
     assert by_module["depthwise"].attrs["groups"] == 8
-    assert by_module["grouped"].attrs | {} >= {"groups": 2, "stride": (2, 2), "transposed": False}
+    grouped = by_module["grouped"].attrs
+    assert (grouped["groups"], grouped["stride"], grouped["transposed"]) == (2, (2, 2), False)
     assert by_module["conv3d"].output_shape == (1, 2, 4, 4, 4)
     _, _, cap = _captured("conv_transpose")
     up = next(op for op in cap.ops if op.module == "up1d")
@@ -335,7 +344,7 @@ def test_meta_llama_captures_like_a_real_one() -> None:
 
 
 def test_meta_capture_allocates_no_weights() -> None:
-    """A ~2 GB meta Llama must capture without the process growing by its size."""
+    """A 1.2 GB meta Llama must capture without the process growing by its size."""
     config = hf_config("llama")
     config.update(
         dict(
@@ -351,7 +360,7 @@ def test_meta_capture_allocates_no_weights() -> None:
     with torch.device("meta"):
         meta = transformers.AutoModelForCausalLM.from_config(config)
     size = sum(p.numel() * p.element_size() for p in meta.parameters())
-    assert size > 1.5e9
+    assert size > 1e9
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cap = capture(meta)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak
@@ -401,10 +410,10 @@ def test_bad_arguments_raise_capture_error() -> None:
     model, inputs = build("mlp")
     with pytest.raises(CaptureError, match="did you mean 'export'"):
         capture(model, inputs, method="exprot")
-    with pytest.raises(CaptureError, match="nn.Module"):
+    with pytest.raises(CaptureError, match=r"nn\.Module"):
         capture(lambda x: x)  # type: ignore[arg-type]
     llama, _ = build("llama")
-    with pytest.raises(CaptureError, match="LlamaForCausalLM.*method='export'"):
+    with pytest.raises(CaptureError, match=r"LlamaForCausalLM.*method='export'"):
         capture(llama, method="symbolic_trace")
 
 
@@ -439,10 +448,10 @@ def test_normalise_fqn_formats() -> None:
     assert normalise_fqn("model.missing", view) is None
 
 
-def test_plain_capture_does_not_import_transformers() -> None:
-    code = (
-        "import sys, torch; from stefx.capture import capture; "
-        "capture(torch.nn.Linear(2, 2), (torch.randn(1, 2),)); "
-        "assert 'transformers' not in sys.modules"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+def test_plain_capture_does_not_import_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A None entry makes any `import transformers` raise ImportError.
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    model, inputs = build("mlp")
+    assert capture(model, inputs).ops[0].kind == "linear"
+    with pytest.raises(ImportError):
+        import transformers as _  # noqa: F401  (proves the block is in place)

@@ -8,7 +8,7 @@ from torch import nn
 
 import stefx
 from stefx.capture.inputs import bind_inputs, example_inputs_for, is_hf_model
-from stefx.rewrite import quantized_modules
+from stefx.rewrite import STATE_ATTR, quantized_modules
 from tests.zoo import HF_ZOO, PLAIN_ZOO, build
 
 ZOO = [*PLAIN_ZOO, *HF_ZOO]
@@ -56,6 +56,17 @@ def _first_float(out):
         if found is not None:
             return found
     return None
+
+
+def _all_floats(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    values = out.values() if isinstance(out, dict) else out
+    if not isinstance(values, (tuple, list, type({}.values()))):
+        return []
+    return [t for v in values for t in _all_floats(v)]
 
 
 def _linear_like(module: nn.Module) -> bool:
@@ -111,13 +122,19 @@ def test_quantize_contract(name):
 
     # Forward + backward reach the latent float weights and the learned step sizes
     # (in eval mode, so BatchNorm statistics stay put for the round trip below).
-    out = _first_float(model(*args, **kwargs))
-    assert out is not None and torch.isfinite(out).all()
-    out.float().pow(2).mean().backward()
-    module = model.get_submodule(sorted(expected or touched)[0])
-    assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
-    assert module.weight_quantizer.scale.grad is not None
-    assert isinstance(module.weight, nn.Parameter), "latent weight not restored after forward"
+    outs = _all_floats(model(*args, **kwargs))
+    assert outs and all(torch.isfinite(o).all() for o in outs)
+    sum(o.float().pow(2).mean() for o in outs).backward()
+    for name, module in quantized_modules(model).items():
+        if expected and name not in expected:
+            continue  # e.g. a branch of a data-dependent module this input does not take
+        for p in getattr(module, STATE_ATTR).params:
+            latent = getattr(module, p)
+            assert isinstance(latent, nn.Parameter), "latent weight not restored after forward"
+            assert latent.grad is not None and latent.grad.abs().sum() > 0, p
+            q = getattr(module, f"{p}_quantizer")
+            if isinstance(q.scale, nn.Parameter):
+                assert q.scale.grad is not None, f"{p}: no gradient reached the learned step"
 
     # dequantize restores the float model exactly.
     stefx.dequantize(model)

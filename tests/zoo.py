@@ -18,7 +18,7 @@ from torch import nn
 
 Built = tuple[nn.Module, Any]
 
-__all__ = ["PLAIN_ZOO", "HF_ZOO", "Built", "build", "hf_config"]
+__all__ = ["HF_ZOO", "PLAIN_ZOO", "Built", "build", "hf_config"]
 
 
 # --------------------------------------------------------------------------- plain PyTorch

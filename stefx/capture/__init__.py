@@ -43,7 +43,7 @@ from stefx.capture.trace import (
 )
 from stefx.errors import CaptureError, did_you_mean
 
-__all__ = ["capture", "example_inputs_for", "Capture", "OpNode", "METHODS"]
+__all__ = ["METHODS", "Capture", "OpNode", "capture", "example_inputs_for"]
 
 METHODS = ("auto", "symbolic_trace", "export")
 

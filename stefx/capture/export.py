@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 from stefx.capture.inputs import to_device
 from stefx.errors import CaptureError
 
-__all__ = ["export_whole", "export_regions", "Region", "first_line"]
+__all__ = ["Region", "export_regions", "export_whole", "first_line"]
 
 
 def first_line(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.fx as fx
 
-__all__ = ["OpNode", "Capture"]
+__all__ = ["Capture", "OpNode"]
 
 Shape = tuple[int, ...]
 
@@ -84,8 +84,8 @@ class Capture:
     regions: FQNs of the submodules captured one by one when the whole model could
              not be (then ``graph`` holds their graphs side by side, not connected);
              empty when ``graph`` is the whole model.
-    tied_params: alias FQN -> canonical FQN (the ``state_dict`` name) for parameters
-             reachable under several names (tied embeddings).
+    tied_params: alias FQN -> canonical FQN (the first name ``named_parameters()``
+             gives) for parameters reachable under several names (tied embeddings).
     """
 
     method: str

@@ -18,18 +18,16 @@ from torch.utils._pytree import tree_map
 
 from stefx.errors import CaptureError, did_you_mean
 
-__all__ = ["example_inputs_for", "bind_inputs", "is_hf_model", "model_device", "to_device"]
+__all__ = ["bind_inputs", "example_inputs_for", "is_hf_model", "model_device", "to_device"]
 
 _SEQ_LEN = 8
 
 
 def is_hf_model(model: nn.Module) -> bool:
     """True for a transformers ``PreTrainedModel`` (without importing transformers)."""
-    if "transformers" not in sys.modules:
-        return False
-    import transformers
-
-    return isinstance(model, transformers.PreTrainedModel)
+    transformers = sys.modules.get("transformers")
+    pretrained = getattr(transformers, "PreTrainedModel", None) if transformers else None
+    return pretrained is not None and isinstance(model, pretrained)
 
 
 def model_device(model: nn.Module) -> torch.device:

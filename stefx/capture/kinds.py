@@ -18,12 +18,12 @@ from torch import nn
 
 __all__ = [
     "MATMUL_KINDS",
-    "WEIGHT_KINDS",
     "SKIPPED",
+    "WEIGHT_KINDS",
     "base_name",
-    "target_name",
     "kind_of_function",
     "kind_of_module",
+    "target_name",
 ]
 
 # Kinds whose cost is a matrix product; a 3D parameter read by one of them is a fused

@@ -40,6 +40,7 @@ _PASS_THROUGH = frozenset(
     | {"lift_fresh_copy", "type_as", "unflatten"}
 )
 _NAMED_ROLES = frozenset({"weight", "bias", "running_mean", "running_var"})
+_LOOKUPS = frozenset({"index", "index_select", "take", "getitem"})
 
 
 @dataclass
@@ -112,7 +113,7 @@ def normalise(node: fx.Node, view: ModelView) -> OpNode:
         params, buffers = _module_tensors(leaf, module)
         attrs = _module_attrs(leaf, kind)
     else:
-        kind = kind_of_function(node.target, node.args)
+        kind = _lookup_kind(node, view) or kind_of_function(node.target, node.args)
         params, buffers = _read_tensors(node, view, module, kind)
         attrs = _function_attrs(node, kind)
     if kind in MATMUL_KINDS and any(len(s) >= 3 for s in _param_shapes(params, view).values()):
@@ -137,6 +138,28 @@ def normalise(node: fx.Node, view: ModelView) -> OpNode:
         buffers=buffers,
         param_shapes=_param_shapes(params, view),
     )
+
+
+def _lookup_kind(node: fx.Node, view: ModelView) -> str | None:
+    """``weight[ids]`` on a 2D parameter is an embedding lookup (Whisper's positions)."""
+    if base_name(node.target) not in _LOOKUPS or not node.args:
+        return None
+    table = node.args[0]
+    if not isinstance(table, fx.Node) or view.tensor_of.get(table.name, ("",))[0] != "param":
+        return None
+    shape = _param_shapes({"table": view.tensor_of[table.name][1]}, view).get("table", ())
+    dtypes = {getattr(_val(i), "dtype", None) for i in _flat_nodes(node.args[1:])}
+    if len(shape) == 2 and dtypes and dtypes <= {torch.int64, torch.int32}:
+        return "embedding"
+    return None
+
+
+def _flat_nodes(args: Any) -> Iterator[fx.Node]:
+    if isinstance(args, list | tuple):
+        for a in args:
+            yield from _flat_nodes(a)
+    elif isinstance(args, fx.Node):
+        yield args
 
 
 def _arg_shapes(arg: Any) -> Iterator[Shape | None]:
@@ -230,9 +253,12 @@ def _tensor_sources(arg: Any, depth: int = 0) -> Iterator[fx.Node]:
         return
     if arg.op in ("placeholder", "get_attr"):
         yield arg
-    elif arg.op in ("call_function", "call_method") and base_name(arg.target) in _PASS_THROUGH:
-        if arg.args:
-            yield from _tensor_sources(arg.args[0], depth + 1)
+    elif (
+        arg.op in ("call_function", "call_method")
+        and base_name(arg.target) in _PASS_THROUGH
+        and arg.args
+    ):
+        yield from _tensor_sources(arg.args[0], depth + 1)
 
 
 def _prefer_local(fqn: str, module: str, view: ModelView) -> str:
@@ -370,6 +396,7 @@ def _inner_op(
         params=params,
         input_shapes=(shape_of(_first_tensor(seen[0])),) if seen[0] is not None else (),
         output_shape=shape_of(_first_tensor(seen[1])),
+        dtype=str(_first_tensor(seen[1]).dtype) if _first_tensor(seen[1]) is not None else "",
         attrs=attrs,
         buffers=buffers,
         param_shapes=shapes,

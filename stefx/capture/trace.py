@@ -20,12 +20,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_map
 
 from stefx.errors import CaptureError
 
-__all__ = ["StefxTracer", "TraceFailure", "trace_with_leaves", "run_args", "propagate_shapes"]
+__all__ = ["StefxTracer", "TraceFailure", "propagate_shapes", "run_args", "trace_with_leaves"]
 
 _MAX_LEAVES = 256
 
@@ -135,10 +135,8 @@ class _NodeError(Exception):
 
 def _shape_only(value: Any) -> Any:
     """Keep shape and dtype, never data: real tensors become meta tensors."""
-    if isinstance(value, torch.Tensor) and value.device.type != "meta":
-        if not isinstance(value, torch._subclasses.FakeTensor):
-            return torch.empty_like(value, device="meta")
-    return value
+    real = isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
+    return torch.empty_like(value, device="meta") if real and value.device.type != "meta" else value
 
 
 def _attempts(values: list[Any], on_meta: bool) -> Iterator[tuple[str, Any, list[Any]]]:

@@ -23,7 +23,7 @@ Backward of sign (``estimator``; g' replaces d sign/dx, which is 0 almost everyw
 name            g'(x)                                           paper
 ==============  ==============================================  ===========================
 ``clipped``     1{|x| <= 1}                          (default)  BNN, arXiv:1602.02830
-``identity``    1                                               plain STE (Bengio 2013)
+``identity``    1                                               STE, arXiv:1308.3432
 ``approx_sign`` (2 - 2|x|) · 1{|x| <= 1}                        Bi-Real Net, arXiv:1808.00278
 ``swish_sign``  β(2 - βx·tanh(βx/2)) / (1 + cosh(βx))           BNN+, arXiv:1812.11800
 ``ede``         k · t · (1 - tanh²(t·x))                        IR-Net, arXiv:1909.10788
@@ -91,9 +91,10 @@ Derivative = Callable[[torch.Tensor, Mapping[str, float]], torch.Tensor]
 class SignEstimator:
     """A surrogate derivative g'(x) for sign, used by the backward pass.
 
-    ``derivative(x, params)`` returns g'(x) for a float32 ``x``; ``None`` means g' = 1.
-    With ``indicator=True`` it returns a boolean tensor (g' is 0 or 1), and the forward
-    saves that mask instead of x. ``params`` holds ``beta``, ``t`` and ``k``.
+    ``derivative(x, params)`` returns g'(x) for ``x`` widened to float32 (float64 kept);
+    ``None`` means g' = 1. With ``indicator=True`` it returns a boolean tensor (g' is 0 or
+    1) computed on x as it is, and the forward saves that mask instead of x. ``params``
+    holds ``beta``, ``t`` and ``k``.
     """
 
     derivative: Derivative | None
