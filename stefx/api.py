@@ -71,6 +71,12 @@ def quantize(
     Hugging Face models when omitted. On any error the model is left exactly as it was.
     """
     plan = explain(model, recipe, example_inputs, method=method)
+    if not plan.sites:
+        raise NoMatchError(
+            f"recipe {plan.recipe.name!r} selected no site in {type(model).__name__}; op kinds "
+            f"here: {', '.join(sorted({c.kind for c in plan.candidates})) or 'none'}. "
+            "Check the rules' targets with stefx.explain(model, recipe)."
+        )
     for rule in plan.unmatched:
         if plan.recipe.on_no_match == "error":
             raise NoMatchError(_no_match_message(rule, plan))

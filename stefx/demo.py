@@ -53,7 +53,7 @@ def _train(model, data, steps: int, lr: float, seq: int, seed: int) -> None:
         opt.step()
 
 
-def run_demo(recipe: str = "w4a8", float_steps: int = 150, qat_steps: int = 60) -> dict:
+def run_demo(recipe: str = "w4a8", float_steps: int = 120, qat_steps: int = 40) -> dict:
     """Train, quantize, fine-tune; return the three held-out losses."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel

@@ -271,6 +271,15 @@ def test_untraceable_submodule_becomes_an_opaque_leaf_with_its_linears_listed() 
     ] == ["inp", "out"]
 
 
+def test_export_regions_keep_a_data_dependent_block_whole() -> None:
+    model, inputs = build("data_dependent")
+    cap = capture(model, inputs, method="export")
+    assert cap.leaves == ["block"] and cap.regions == ["inp", "out"]
+    inner = {op.module for op in cap.ops if op.attrs.get("inside_opaque") == "block"}
+    assert inner == {"block.pos", "block.neg"}  # the branch that did not run is listed too
+    assert [op.kind for op in cap.ops if op.module == "block"] == ["opaque"]
+
+
 def test_conv_attrs() -> None:
     _, _, cap = _captured("grouped_conv")
     by_module = {op.module: op for op in cap.ops if op.kind == "conv"}

@@ -264,3 +264,14 @@ def test_every_preset_applies(preset):
     out = model(x)
     out.sum().backward()
     assert torch.isfinite(out).all()
+
+
+def test_a_recipe_that_selects_nothing_at_all_fails_even_when_rules_may_miss():
+    model, example = build("mlp")
+    recipe = {
+        "name": "r",
+        "on_no_match": "ignore",
+        "rules": [{"targets": ["Conv2d"], "weights": {"type": "uniform"}}],
+    }
+    with pytest.raises(stefx.NoMatchError, match="selected no site"):
+        stefx.quantize(model, recipe, example, report=False)

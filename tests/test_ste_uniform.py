@@ -338,7 +338,7 @@ def test_meta_tensor_in_meta_tensor_out(strategy, symmetric, dtype):
 def float_arrays(lo: float = -100.0, hi: float = 100.0, elements=None):
     """Small float32 arrays (1-3 dims, sides 1-8), values in [lo, hi] unless ``elements``."""
     if elements is None:
-        elements = st.floats(lo, hi, width=32, allow_subnormal=False)
+        elements = st.floats(lo, hi, width=32)
     shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=8)
     return hnp.arrays(np.float32, shapes, elements=elements)
 

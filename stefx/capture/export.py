@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from stefx.capture.inputs import to_device
+from stefx.capture.kinds import WEIGHT_KINDS, kind_of_module
 from stefx.errors import CaptureError
 
 __all__ = ["Region", "export_regions", "export_whole", "first_line"]
@@ -157,8 +158,7 @@ def _visit(
     """Export ``module`` if it ran, else (or on failure) try its children.
 
     A module whose class already failed is not tried again (its siblings in a layer
-    stack fail the same way). A failing module with parameters of its own (fused expert
-    tensors) is kept whole as an opaque leaf, since its children would not cover them.
+    stack fail the same way); see ``_keep_whole`` for when a failed module stays whole.
     """
     error = None
     if fqn in calls.inputs:
@@ -177,7 +177,7 @@ def _visit(
         for name, child in module.named_children()
         if _ran(f"{fqn}.{name}" if fqn else name, calls)
     ]
-    if fqn and (not children or any(True for _ in module.parameters(recurse=False))):
+    if fqn and (not children or _keep_whole(module, fqn, calls)):
         leaves.append(fqn)
         regions.append(Region(fqn, None, calls.order.get(fqn, 0)))
         notes.append(f"kept {fqn!r} opaque: torch.export failed ({error})")
@@ -189,6 +189,19 @@ def _visit(
         )
     for child_fqn, child in children:
         _visit(child, child_fqn, calls, regions, leaves, notes)
+
+
+def _keep_whole(module: nn.Module, fqn: str, calls: _Calls) -> bool:
+    """A failed module is kept as one opaque leaf when its children would not cover it:
+    it has parameters of its own (fused expert tensors), or a weight-carrying descendant
+    did not run (a data-dependent branch, whose weights must still be listed)."""
+    if any(True for _ in module.parameters(recurse=False)):
+        return True
+    return any(
+        kind_of_module(m) in WEIGHT_KINDS and f"{fqn}.{name}" not in calls.inputs
+        for name, m in module.named_modules()
+        if name
+    )
 
 
 def _ran(fqn: str, calls: _Calls) -> bool:

@@ -166,7 +166,7 @@ def _hf_extra_kwargs() -> set[str] | None:
         from transformers.utils.generic import TransformersKwargs
     except ImportError:
         return None
-    names: set[str] = set()
+    names = {"return_dict"}  # popped by transformers' @can_return_tuple decorator
     for cls in TransformersKwargs.__mro__:
         names.update(getattr(cls, "__annotations__", {}))
-    return names or None
+    return names

@@ -49,7 +49,7 @@ class ModelView:
 
     modules:   ``dict(model.named_modules())``.
     tensor_of: graph node name (placeholder or get_attr) -> ("param" | "buffer", FQN).
-    aliases:   canonical parameter FQN -> every FQN of the same tensor (tied weights).
+    aliases:   parameter FQN -> every FQN of the same tensor, canonical first (tied weights).
     prefix:    FQN of the module the graph was captured from ("" for the whole model).
     opaque:    FQNs of leaf modules stefx could not trace (their calls get kind "opaque").
     """

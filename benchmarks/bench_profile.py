@@ -1,0 +1,186 @@
+"""Benchmark stefx.profile: time and peak memory on a Llama-3-8B-shaped meta model, and
+stefx's matmul-family MACs side by side with torch.utils.flop_counter over the test zoo.
+
+    .venv/bin/python benchmarks/bench_profile.py            # both parts
+    .venv/bin/python benchmarks/bench_profile.py --llama    # the 8B profile only
+    .venv/bin/python benchmarks/bench_profile.py --zoo      # the side-by-side only
+
+The 8B profile runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own.
+Goal: under 20 s and 3 GB. fvcore / ptflops columns appear only when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+)
+SEQ_LEN = 2048
+
+
+def llama_child() -> dict:
+    """Build the meta model, profile it with w4a8, return timings and peak RSS."""
+    t0 = time.perf_counter()
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stefx.profile import profile
+
+    t_import = time.perf_counter() - t0
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B))
+    ids = torch.zeros(1, SEQ_LEN, dtype=torch.long, device="meta")
+    t1 = time.perf_counter()
+    rep = profile(model, {"input_ids": ids}, recipe="w4a8", hardware="h100")
+    t_profile = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    text = str(rep)
+    t_render = time.perf_counter() - t2
+    b, a = rep.totals["before"], rep.totals["after"]
+    return {
+        "import_s": t_import,
+        "profile_s": t_profile,
+        "render_s": t_render,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "ops": len(rep.ops),
+        "rows": len(rep.rows),
+        "params": b["params"],
+        "macs": b["macs"],
+        "size_before_gb": b["param_bytes"] / 2**30,
+        "size_after_gb": a["param_bytes"] / 2**30,
+        "latency_before_s": b["latency_s"],
+        "latency_after_s": a["latency_s"],
+        "table_lines": text.count("\n"),
+    }
+
+
+def run_llama() -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child"], capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print("Llama-3-8B shape on meta, 2048 tokens, recipe w4a8, hardware h100")
+    for key, value in result.items():
+        print(f"  {key:18s} {value:.4g}" if isinstance(value, float) else f"  {key:18s} {value}")
+    ok = result["profile_s"] < 20 and result["peak_rss_gb"] < 3
+    print(f"  goal (<20 s, <3 GB): {'met' if ok else 'NOT met'}")
+    return result
+
+
+def _optional_counters(model, args, kwargs) -> dict[str, object]:
+    cols: dict[str, object] = {}
+    try:
+        from fvcore.nn import FlopCountAnalysis
+
+        cols["fvcore"] = FlopCountAnalysis(model, args).unsupported_ops_warnings(False).total()
+    except Exception:  # not installed, or cannot trace this model
+        pass
+    return cols
+
+
+def run_zoo() -> None:
+    import copy
+
+    import torch
+    from tabulate import tabulate
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stefx.capture.inputs import bind_inputs, example_inputs_for, is_hf_model
+    from stefx.profile import profile
+    from tests.zoo import HF_ZOO, PLAIN_ZOO
+
+    kinds = {
+        "linear",
+        "addmm",
+        "conv",
+        "conv_transpose",
+        "matmul",
+        "mm",
+        "bmm",
+        "baddbmm",
+        "einsum",
+        "sdpa",
+        "lstm",
+        "gru",
+        "experts",
+    }
+    rows = []
+    for name, builder in {**PLAIN_ZOO, **HF_ZOO}.items():
+        model, inputs = builder()
+        t0 = time.perf_counter()
+        rep = profile(model, inputs)
+        dt = time.perf_counter() - t0
+        stefx_macs = sum(oc.before.macs for oc in rep.ops if oc.op.kind in kinds)
+        hf = is_hf_model(model)
+        args, kwargs = bind_inputs(
+            model,
+            inputs if inputs is not None else example_inputs_for(model),
+            {"use_cache": False} if hf else {},
+        )
+        torch_macs, where = None, ""
+        for device in ("meta", "cpu"):
+            try:
+                m = copy.deepcopy(model).to(device).eval()
+                a = tuple(x.to(device) if torch.is_tensor(x) else x for x in args)
+                k = {n: v.to(device) if torch.is_tensor(v) else v for n, v in kwargs.items()}
+                with FlopCounterMode(display=False) as counter, torch.no_grad():
+                    m(*a, **k)
+                torch_macs, where = counter.get_total_flops() // 2, device
+                break
+            except Exception:
+                continue
+        same = "yes" if stefx_macs == torch_macs else "no"
+        why = ""
+        if same == "no":
+            sdpa = sum(oc.before.macs for oc in rep.ops if oc.op.kind == "sdpa")
+            moe = sum(oc.before.macs for oc in rep.ops if oc.op.kind == "experts")
+            why = f"sdpa {sdpa}, experts {moe} (torch counts 0 for these kernels on CPU)"
+        row = [name, stefx_macs, torch_macs, where, same, f"{dt:.2f}", why]
+        row += [str(v) for v in _optional_counters(model, args, kwargs).values()]
+        rows.append(row)
+    headers = [
+        "model",
+        "stefx MACs",
+        "FlopCounterMode MACs",
+        "device",
+        "equal",
+        "profile s",
+        "difference",
+    ]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama", action="store_true")
+    parser.add_argument("--zoo", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.child:
+        print(json.dumps(llama_child()))
+        return
+    both = not (opts.llama or opts.zoo)
+    if opts.llama or both:
+        run_llama()
+    if opts.zoo or both:
+        run_zoo()
+
+
+if __name__ == "__main__":
+    main()

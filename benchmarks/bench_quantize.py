@@ -1,0 +1,111 @@
+"""Wall time and peak memory of ``stefx.quantize`` on real-sized models.
+
+- a GPT-2-small-shaped model (124M parameters, random weights, real tensors);
+- a Llama-3.2-1B-shaped model built on the meta device (no weights allocated).
+
+Each case runs in a fresh subprocess so its peak RSS is its own. Reported: the model's
+parameter bytes, RSS after building the model, peak RSS during quantize, and the ratio
+peak / (RSS before quantize) — the "within 1.1x of the model" promise.
+
+    python benchmarks/bench_quantize.py [--recipe w4a8] [--out docs/benchmarks-quantize.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+CASES = {
+    "gpt2-124M": "gpt2",
+    "llama-1B (meta)": "llama1b-meta",
+}
+
+
+def _child(case: str, recipe: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    import stefx
+
+    torch.manual_seed(0)
+    if case == "gpt2":
+        config = GPT2Config(attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        config = LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+        )
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    stefx.quantize(model, recipe, report=False)
+    seconds = time.perf_counter() - t0
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "params": params,
+        "param_bytes": param_bytes,
+        "rss_before": rss_before,
+        "rss_peak": rss_peak,
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="w4a8")
+    parser.add_argument("--out", default=None, help="also write a markdown table here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.recipe)))
+        return
+    from tabulate import tabulate
+
+    rows = []
+    for label, case in CASES.items():
+        out = (
+            subprocess.run(
+                [sys.executable, __file__, "--child", case, "--recipe", args.recipe],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        r = json.loads(out)
+        gib = 2**30
+        rows.append(
+            {
+                "model": label,
+                "params (M)": f"{r['params'] / 1e6:.0f}",
+                "param GiB": f"{r['param_bytes'] / gib:.2f}",
+                "RSS before GiB": f"{r['rss_before'] / gib:.2f}",
+                "peak RSS GiB": f"{r['rss_peak'] / gib:.2f}",
+                "peak / before": f"{r['rss_peak'] / r['rss_before']:.2f}x",
+                "quantize s": f"{r['seconds']:.1f}",
+            }
+        )
+    table = tabulate(rows, headers="keys", tablefmt="github")
+    print(f"recipe {args.recipe}\n{table}")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"## stefx.quantize ({args.recipe})\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

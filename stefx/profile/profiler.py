@@ -1,0 +1,438 @@
+"""profile(): what a model costs before and after quantization, per layer and in total.
+
+Reads a :class:`~stefx.capture.Capture` and a :class:`~stefx.match.Plan`, costs every
+``OpNode`` twice - **before** (float, at the op's own dtype width) and **after** (at the
+plan's bit widths) - and turns each cost into hardware estimates (roofline latency, its
+bound, energy). It annotates ``node.meta["stefx.cost"] = {"before": Cost, "after": Cost}``
+on the analysis graph and returns a :class:`~stefx.profile.report.Report`. It never
+changes the model; it runs it only when ``measure=True`` (real tensors, timing hooks that
+are removed afterwards).
+
+>>> from torch import nn
+>>> rep = profile(nn.Sequential(nn.Linear(4, 8)), (torch.randn(2, 4),), recipe="w4a8")
+>>> rep.totals["before"]["macs"], rep.totals["after"]["bops"]
+(64, 2048.0)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from stefx.capture.graph import Capture, OpNode
+from stefx.errors import StefxError
+from stefx.profile.costs import Cost, cost_of, dtype_bits
+from stefx.profile.hardware import energy, load_energy_table, load_hardware, roofline_latency
+from stefx.profile.report import LayerRow, OpCost, Report
+
+__all__ = ["OpBits", "profile"]
+
+#: Op kinds that read a weight of their own (the ones a weight quantizer reaches).
+WEIGHTED_KINDS = (
+    "linear",
+    "addmm",
+    "conv",
+    "conv_transpose",
+    "embedding",
+    "experts",
+    "lstm",
+    "gru",
+    "rnn",
+    "matmul",
+    "mm",
+    "bmm",
+    "baddbmm",
+    "einsum",
+    "attention",
+)
+FUNCTIONAL = ("matmul", "bmm", "mm", "baddbmm", "addmm", "einsum", "sdpa")
+MEASURE_RUNS = 5
+
+
+@dataclass(frozen=True)
+class OpBits:
+    """Bit widths one op runs at after quantization (None: float)."""
+
+    w_bits: float | None = None
+    a_bits: float | None = None
+    out_bits: float | None = None
+    scale_groups: int = 0
+    scale_overhead_bits: int | None = None
+    quantized_params: frozenset[str] = frozenset()  # FQNs of weights at w_bits
+
+
+def profile(
+    model: nn.Module,
+    example_inputs: Any = None,
+    hardware: str = "a100",
+    *,
+    recipe: Any = None,
+    plan: Any = None,
+    energy: str = "horowitz45nm",
+    causal_halving: bool = False,
+    measure: bool = False,
+    capture: Capture | None = None,
+) -> Report:
+    """Profile ``model`` before and after quantization; see the module docstring.
+
+    plan: a :class:`~stefx.match.Plan`; default: the plan ``stefx.quantize`` stored on the
+        model, or the one ``recipe`` gives (matched without changing the model), or none
+        (then "after" equals "before").
+    hardware / energy: a hardware profile and an energy table, by name or YAML path.
+    measure: also time the model on real tensors (not possible on the meta device).
+    """
+    from stefx.capture import capture as capture_model
+
+    if not isinstance(model, nn.Module):
+        raise StefxError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    on_meta = any(p.is_meta for p in model.parameters())
+    if measure and on_meta:
+        raise StefxError(
+            "profile(measure=True) needs real weights, but the model is on the meta device; "
+            "load the weights (e.g. model.to_empty(device='cpu') then load a state dict) or "
+            "drop measure=True to get estimates only."
+        )
+    if capture is None:
+        with _float_view(model):
+            capture = capture_model(model, example_inputs)
+    cap = capture
+    plan = _resolve_plan(model, cap, recipe, plan)
+    device = load_hardware(hardware)
+    table = load_energy_table(energy)
+    nodes = {id(n.meta["stefx.op"]): n for n in cap.graph.nodes if "stefx.op" in n.meta}
+    ops, nodes = _without_quantizer_params(cap.ops, nodes, model)
+    bits = plan_bits(plan, ops, model) if plan is not None else {}
+    names = row_names(ops, model)
+    costed: list[OpCost] = []
+    for op in ops:
+        fb = dtype_bits(op.dtype) if op.dtype else 32
+        after_bits = bits.get(id(op), OpBits())
+        before = cost_of(op, float_bits=fb, causal_halving=causal_halving)
+        after = cost_of(
+            op,
+            after_bits.w_bits,
+            after_bits.a_bits,
+            out_bits=after_bits.out_bits,
+            float_bits=fb,
+            causal_halving=causal_halving,
+            scale_groups=after_bits.scale_groups,
+            scale_overhead_bits=after_bits.scale_overhead_bits,
+        )
+        node = nodes.get(id(op))
+        if node is not None:
+            node.meta["stefx.cost"] = {"before": before, "after": after}
+        hw_bits = fb if fb in (16, 32) else 32
+        costed.append(
+            OpCost(
+                op=op,
+                row=names[id(op)],
+                before=before,
+                after=after,
+                bits=after_bits,
+                float_bits=fb,
+                before_hw=_estimate(before, device, table, None, None, hw_bits),
+                after_hw=_estimate(
+                    after, device, table, after_bits.w_bits, after_bits.a_bits, hw_bits
+                ),
+                params=_canonical(op, cap.tied_params),
+            )
+        )
+    samples, tokens = _input_sizes(model, example_inputs)
+    report = Report.build(
+        costed,
+        cap,
+        plan,
+        device,
+        table,
+        model_name=type(model).__name__,
+        samples=samples,
+        tokens=tokens,
+    )
+    if measure:
+        report.measured = measure_model(model, example_inputs, report.rows)
+    return report
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+@contextmanager
+def _float_view(model: nn.Module) -> Iterator[None]:
+    """Capture a quantized model as its float self: stefx's hooks are set aside while
+    capturing and put back afterwards (the same dict objects), so the analysis graph has
+    the float model's ops and the plan's sites line up with them."""
+    from stefx.rewrite import quantized_modules
+
+    ids = {
+        h.id
+        for m in quantized_modules(model).values()
+        for h in (*m._stefx_state.handles, *m._stefx_state.child_handles)
+    }
+    saved = []
+    if ids:
+        for module in model.modules():
+            for attr in _HOOK_DICTS:
+                hooks = getattr(module, attr, None)
+                if hooks and any(k in ids for k in hooks):
+                    saved.append((module, attr, hooks))
+                    kept = type(hooks)((k, v) for k, v in hooks.items() if k not in ids)
+                    setattr(module, attr, kept)
+    try:
+        yield
+    finally:
+        for module, attr, hooks in saved:
+            setattr(module, attr, hooks)
+
+
+def _without_quantizer_params(ops: list[OpNode], nodes: dict, model: nn.Module):
+    """Drop the parameters of stefx quantizers (learned scales) from leaf-module ops: their
+    bytes are the scale overhead the plan accounts for, not weights."""
+    from stefx.ste.base import Quantizer
+
+    owned = {
+        f"{name}.{p}" if name else p
+        for name, m in model.named_modules()
+        if isinstance(m, Quantizer)
+        for p, _ in m.named_parameters()
+    }
+    if not owned:
+        return ops, nodes
+    out, out_nodes = [], {}
+    for op in ops:
+        node = nodes.get(id(op))
+        if any(fqn in owned for fqn in op.params.values()):
+            keep = {r: f for r, f in op.params.items() if f not in owned}
+            shapes = {r: s for r, s in op.param_shapes.items() if r in keep}
+            op = replace(op, params=keep, param_shapes=shapes)
+        out.append(op)
+        if node is not None:
+            out_nodes[id(op)] = node
+    return out, out_nodes
+
+
+def _resolve_plan(model: nn.Module, cap: Capture, recipe: Any, plan: Any) -> Any:
+    if plan is not None:
+        return plan
+    if recipe is not None:
+        from stefx.match import match
+        from stefx.recipe import load_recipe
+
+        return match(load_recipe(recipe), cap, model)
+    return model.__dict__.get("_stefx_plan")
+
+
+def _estimate(cost: Cost, device, table, w_bits, a_bits, float_bits: int) -> tuple:
+    """(latency_s, bound, energy_j) of one op: roofline on ``device``, energy from ``table``."""
+    latency, bound = roofline_latency(cost, device, w_bits, a_bits, float_bits=float_bits)
+    joules = energy(cost, table, w_bits, a_bits, float_bits=float_bits)
+    return latency, bound, joules
+
+
+def _canonical(op: OpNode, tied: dict[str, str]) -> frozenset[str]:
+    return frozenset(tied.get(fqn, fqn) for fqn in op.params.values())
+
+
+# -- which bits each op gets from the plan -----------------------------------------------
+
+
+def _local(fqn: str, module: str) -> str:
+    return fqn[len(module) + 1 :] if module and fqn.startswith(module + ".") else fqn
+
+
+def _scale_groups(spec, shape: tuple[int, ...], in_axis: int | None) -> int:
+    """Scale groups of a weight quantizer on ``shape``, as stefx.rewrite builds it."""
+    from stefx.ste.granularity import Granularity
+
+    strategy, axis, group_size = spec.strategy, spec.axis, spec.group_size
+    if in_axis is not None and strategy == "channel" and axis is None:
+        strategy, axis, group_size = "group", in_axis, shape[in_axis]  # fused experts
+    try:
+        return Granularity(strategy, axis, group_size).num_groups(shape)
+    except ValueError:
+        return 1
+
+
+def _op_sites(ops: list[OpNode]) -> dict[str, OpNode]:
+    """Op-site name -> op, counted as :func:`stefx.match.candidates` counts them."""
+    ordinals: Counter[tuple[str, str]] = Counter()
+    out = {}
+    for op in ops:
+        if op.kind in FUNCTIONAL and not op.params:
+            n = ordinals[(op.module, op.kind)]
+            ordinals[(op.module, op.kind)] += 1
+            out[f"{op.module}.{op.kind}_{n}" if op.module else f"{op.kind}_{n}"] = op
+    return out
+
+
+def plan_bits(plan: Any, ops: list[OpNode], model: nn.Module) -> dict[int, OpBits]:
+    """id(op) -> the bits the plan gives it. Ops in no site are absent (they stay float)."""
+    out: dict[int, OpBits] = {}
+    op_sites = _op_sites(ops)
+    by_module: dict[str, Any] = {}
+    for site in plan.sites:
+        if site.is_op_site:
+            op = op_sites.get(site.name)
+            if op is not None and site.input_activations is not None:
+                bits = site.input_activations.num_bits
+                out_bits = _bits(site.output_activations)
+                out[id(op)] = OpBits(w_bits=bits, a_bits=bits, out_bits=out_bits)
+            elif op is not None:
+                out[id(op)] = OpBits(out_bits=_bits(site.output_activations))
+        else:
+            by_module[site.module] = site
+    for op in ops:
+        site = by_module.get(op.module)
+        if site is None or op.kind not in WEIGHTED_KINDS or not op.params:
+            continue
+        quantized, groups = set(), 0
+        if site.weights is not None:
+            for role, fqn in op.params.items():
+                if _local(fqn, op.module) in site.params and role in op.param_shapes:
+                    shape = tuple(op.param_shapes[role])
+                    quantized.add(fqn)
+                    axis = site.expert_in_axis.get(_local(fqn, op.module))
+                    groups += _scale_groups(site.weights, shape, axis)
+        w_bits = site.weights.num_bits if quantized else None
+        overhead = None
+        if quantized and not site.weights.symmetric:  # a zero point per group, at w_bits
+            overhead = dtype_bits(op.dtype or "float32") + site.weights.num_bits
+        out[id(op)] = OpBits(
+            w_bits=w_bits,
+            a_bits=_bits(site.input_activations),
+            out_bits=_bits(site.output_activations),
+            scale_groups=groups,
+            scale_overhead_bits=overhead,
+            quantized_params=frozenset(quantized),
+        )
+    return out
+
+
+def _bits(spec: Any) -> int | None:
+    return None if spec is None or not spec.enabled else spec.num_bits
+
+
+# -- row names -----------------------------------------------------------------------------
+
+
+def row_names(ops: list[OpNode], model: nn.Module) -> dict[int, str]:
+    """id(op) -> its report row: the module FQN, or ``<module>.<kind>_<n>`` for functional
+    matmul-family ops without weights of their own inside a module with children (the
+    op-site names of :mod:`stefx.match`). Everything else in a module's own forward
+    (norms, softmax, elementwise...) goes to that module's row."""
+    has_children = {name for name, m in model.named_modules() if next(m.children(), None)}
+    sites = {id(op): name for name, op in _op_sites(ops).items()}
+    out = {}
+    for op in ops:
+        inner = op.attrs.get("inside_opaque")
+        if id(op) in sites and op.module in has_children:
+            out[id(op)] = sites[id(op)]
+        else:
+            out[id(op)] = op.module if not inner or op.module else str(inner)
+    return out
+
+
+# -- measurement ---------------------------------------------------------------------------
+
+
+def _bound_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+    from stefx.capture.inputs import bind_inputs, example_inputs_for, is_hf_model
+
+    hf = is_hf_model(model)
+    if example_inputs is None:
+        if not hf:
+            raise StefxError("profile(measure=True) needs example_inputs for a plain model")
+        example_inputs = example_inputs_for(model)
+    return bind_inputs(model, example_inputs, {"use_cache": False} if hf else {})
+
+
+def _input_sizes(model: nn.Module, example_inputs: Any) -> tuple[int, int | None]:
+    """(samples, tokens) of the inputs the profile describes, for estimated throughput."""
+    try:
+        return _sizes(*_bound_inputs(model, example_inputs))
+    except Exception:  # no inputs to read a batch from: per-sample numbers
+        return 1, None
+
+
+def _sizes(args: tuple, kwargs: dict) -> tuple[int, int | None]:
+    """(samples, tokens or None): batch of the first tensor input; tokens for [B, T] ids."""
+    first = next(
+        (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None
+    )
+    if first is None:
+        return 1, None
+    tokens = first.numel() if not first.is_floating_point() and first.dim() >= 2 else None
+    return first.shape[0], tokens
+
+
+def measure_model(model: nn.Module, example_inputs: Any, rows: list[LayerRow]) -> dict:
+    """Median wall time of ``MEASURE_RUNS`` forward passes after one warm-up, in eval mode
+    and without autograd, plus per-module times from forward hooks (removed afterwards)."""
+    args, kwargs = _bound_inputs(model, example_inputs)
+    wanted = {r.name for r in rows}
+    per_module: dict[str, list[float]] = {}
+    starts: dict[str, float] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name in wanted and name:
+            handles.append(module.register_forward_pre_hook(_start(name, starts)))
+            handles.append(module.register_forward_hook(_stop(name, starts, per_module)))
+    training = model.training
+    model.eval()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)  # warm-up
+            per_module.clear()
+            for _ in range(MEASURE_RUNS):
+                sync()
+                t0 = time.perf_counter()
+                model(*args, **kwargs)
+                sync()
+                times.append(time.perf_counter() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    latency = statistics.median(times)
+    samples, tokens = _sizes(args, kwargs)
+    layers = {n: statistics.median(v) for n, v in per_module.items()}
+    return {
+        "latency_s": latency,
+        "samples_per_s": samples / latency,
+        "tokens_per_s": tokens / latency if tokens else None,
+        "runs": MEASURE_RUNS,
+        "layers": layers,
+        "device": str(next(model.parameters()).device)
+        if any(True for _ in model.parameters())
+        else "cpu",
+    }
+
+
+def _start(name: str, starts: dict[str, float]):
+    def hook(module, args):
+        starts[name] = time.perf_counter()
+
+    return hook
+
+
+def _stop(name: str, starts: dict[str, float], out: dict[str, list[float]]):
+    def hook(module, args, output):
+        if name in starts:
+            out.setdefault(name, []).append(time.perf_counter() - starts.pop(name))
+
+    return hook

@@ -1,0 +1,621 @@
+"""Report: the profile of a model as an object (rows, totals) first, printed text second.
+
+A :class:`Report` holds one :class:`OpCost` per op of the analysis graph and groups them
+into :class:`LayerRow` records (by layer, block or op kind). It renders a table, JSON,
+CSV, Markdown and, with matplotlib installed, a PNG. It computes nothing about costs itself:
+:func:`stefx.profile.profile` builds it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from stefx.capture.graph import OpNode
+from stefx.errors import StefxError
+from stefx.profile.costs import Cost
+
+__all__ = ["METRICS", "LayerRow", "OpCost", "Report"]
+
+#: Metric keys of every before/after dict, in print order.
+METRICS = (
+    "params",
+    "param_bytes",
+    "flops",
+    "macs",
+    "bops",
+    "ops",
+    "act_bytes",
+    "latency_s",
+    "energy_j",
+)
+CONVENTIONS = (
+    "FLOPs = 2 x MACs; BOPs = MACs x b_w x b_a; OPs = FLOPs + BOPs/64 for binary layers "
+    "(Bi-Real Net / ReActNet)."
+)
+WEIGHTED_KINDS = (
+    "linear",
+    "addmm",
+    "conv",
+    "conv_transpose",
+    "embedding",
+    "experts",
+    "lstm",
+    "gru",
+    "rnn",
+    "matmul",
+    "mm",
+    "bmm",
+    "baddbmm",
+    "einsum",
+    "attention",
+)
+_BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One op's costs before and after, and its hardware estimates (latency, bound, J)."""
+
+    op: OpNode
+    row: str
+    before: Cost
+    after: Cost
+    bits: Any  # profiler.OpBits
+    float_bits: int
+    before_hw: tuple[float, str, float]
+    after_hw: tuple[float, str, float]
+    params: frozenset[str]  # canonical FQNs of the parameters it reads
+
+    def metrics(self, which: str) -> dict[str, Any]:
+        cost = self.before if which == "before" else self.after
+        latency, bound, joules = self.before_hw if which == "before" else self.after_hw
+        binary = which == "after" and self.bits.w_bits == 1 and self.bits.a_bits == 1
+        return {
+            "params": cost.params,
+            "param_bytes": cost.param_bytes,
+            "flops": cost.flops,
+            "macs": cost.macs,
+            "bops": cost.bops,
+            "ops": cost.bops / 64 if binary else float(cost.flops),
+            "act_bytes": cost.act_in_bytes + cost.act_out_bytes,
+            "latency_s": latency,
+            "energy_j": joules,
+            "bound": bound,
+        }
+
+
+@dataclass
+class LayerRow:
+    """One row of the report: a module (FQN as in ``named_modules()``), an op path such as
+    ``model.layers.0.self_attn.matmul_0``, a block or an op kind, with its ops aggregated."""
+
+    name: str
+    op: str
+    module_type: str
+    input_shapes: tuple
+    output_shape: tuple | None
+    bits_before: str
+    bits_after: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    n_ops: int = 1
+    status: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "op": self.op,
+            "module_type": self.module_type,
+            "bits_before": self.bits_before,
+            "bits_after": self.bits_after,
+            "n_ops": self.n_ops,
+            "before": dict(self.before),
+            "after": dict(self.after),
+        }
+
+
+def _bits_text(w: float | None, a: float | None, fb: int) -> str:
+    def one(b: float | None) -> str:
+        return str(int(b)) if b is not None and float(b).is_integer() else str(b or fb)
+
+    return f"w{one(w)}a{one(a)}"
+
+
+def aggregate(ops: list[OpCost], key) -> list[LayerRow]:
+    """Group op costs by ``key(opcost)`` in first-seen order. A parameter read by several
+    ops of one group (a reused module) counts once in it."""
+    groups: dict[str, list[OpCost]] = {}
+    for oc in ops:
+        groups.setdefault(key(oc), []).append(oc)
+    return [_row(name, members) for name, members in groups.items()]
+
+
+def _row(name: str, members: list[OpCost]) -> LayerRow:
+    sums = {w: dict.fromkeys(METRICS, 0) for w in ("before", "after")}
+    bound_time = {w: Counter() for w in ("before", "after")}
+    seen: set[frozenset[str]] = set()
+    for oc in members:
+        repeat = bool(oc.params) and oc.params in seen
+        seen.add(oc.params)
+        for which in ("before", "after"):
+            m = oc.metrics(which)
+            bound_time[which][m.pop("bound")] += m["latency_s"]
+            if repeat:
+                m["params"], m["param_bytes"] = 0, 0.0
+            for k in METRICS:
+                sums[which][k] += m[k]
+    for which in ("before", "after"):
+        sums[which]["bound"] = _bound(bound_time[which])
+    main = max(
+        members,
+        key=lambda oc: (oc.op.kind in WEIGHTED_KINDS or oc.op.kind == "sdpa", oc.before.flops),
+    )
+    status = Counter(oc.before.status for oc in members)
+    notes = sorted({oc.after.note for oc in members if oc.after.status == "unsupported"})
+    return LayerRow(
+        name=name,
+        op=main.op.kind,
+        module_type=main.op.module_type,
+        input_shapes=main.op.input_shapes,
+        output_shape=main.op.output_shape,
+        bits_before=_bits_text(None, None, main.float_bits),
+        bits_after=_bits_text(main.bits.w_bits, main.bits.a_bits, main.float_bits),
+        before=sums["before"],
+        after=sums["after"],
+        n_ops=len(members),
+        status=dict(status),
+        notes=notes,
+    )
+
+
+def _bound(times: Counter) -> str:
+    return max(times, key=times.get) if times and sum(times.values()) > 0 else "-"
+
+
+def block_of(name: str) -> str:
+    """``model.layers.3.mlp.up_proj`` -> ``model.layers.3``; else the top-level module."""
+    found = _BLOCK.match(name)
+    return found.group(1) if found else name.split(".")[0]
+
+
+class Report:
+    """A profile: ``.rows`` (per layer), ``.totals`` (before/after), sections, renderers."""
+
+    def __init__(
+        self,
+        ops: list[OpCost],
+        *,
+        hardware: str,
+        energy_table: str,
+        recipe: str | None,
+        model_name: str = "",
+        samples: int = 1,
+        tokens: int | None = None,
+        not_covered: list[dict[str, Any]] | None = None,
+        notes: list[str] | None = None,
+    ) -> None:
+        self.ops = ops
+        self.hardware, self.energy_table, self.recipe = hardware, energy_table, recipe
+        self.model_name = model_name
+        self.samples, self.tokens = samples, tokens
+        self.not_covered = not_covered or []
+        self.notes = notes or []
+        self.measured: dict[str, Any] | None = None
+        self.group_by, self.top_k, self.depth = "layer", None, None
+        self.rows = self.grouped("layer")
+        self.totals = self._totals()
+
+    # -- construction --------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, ops, cap, plan, device, table, *, model_name="", samples=1, tokens=None):
+        return cls(
+            ops,
+            hardware=device.name,
+            energy_table=table.name,
+            recipe=plan.recipe.name if plan is not None else None,
+            model_name=model_name,
+            samples=samples,
+            tokens=tokens,
+            not_covered=_not_covered(ops),
+            notes=list(cap.notes),
+        )
+
+    def grouped(self, group_by: str = "layer", depth: int | None = None) -> list[LayerRow]:
+        """Rows by ``"layer"`` (module FQN or op path), ``"block"`` (``model.layers.3``) or
+        ``"op"`` (op kind); ``depth`` cuts layer names to that many dotted parts."""
+        keys = {
+            "layer": lambda oc: oc.row,
+            "block": lambda oc: block_of(oc.row),
+            "op": lambda oc: oc.op.kind,
+        }
+        if group_by not in keys:
+            raise StefxError(f"group_by={group_by!r}: choose one of {list(keys)}")
+        key = keys[group_by]
+        if depth is not None and group_by != "op":
+            key = lambda oc, k=key: ".".join(k(oc).split(".")[:depth])  # noqa: E731
+        rows = aggregate(self.ops, key)
+        return [r for r in rows if _nonzero(r)]
+
+    def _totals(self) -> dict[str, dict[str, Any]]:
+        out = {w: dict.fromkeys(METRICS, 0) for w in ("before", "after")}
+        seen: set[str] = set()
+        for oc in self.ops:
+            repeat = bool(oc.params) and oc.params <= seen  # tied or reused weights: once
+            seen |= oc.params
+            for which in ("before", "after"):
+                m = oc.metrics(which)
+                m.pop("bound")
+                if repeat:
+                    m["params"], m["param_bytes"] = 0, 0.0
+                for k in METRICS:
+                    out[which][k] += m[k]
+        for which in ("before", "after"):
+            t = out[which]
+            t["samples_per_s"] = self.samples / t["latency_s"] if t["latency_s"] else None
+            tps = self.tokens / t["latency_s"] if self.tokens and t["latency_s"] else None
+            t["tokens_per_s"] = tps
+        return out
+
+    # -- derived numbers -----------------------------------------------------------------
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many ops were counted, ignored (documented zero) or unsupported."""
+        c = Counter(oc.before.status for oc in self.ops)
+        return {s: c.get(s, 0) for s in ("counted", "ignored", "unsupported")}
+
+    @property
+    def unsupported(self) -> dict[str, int]:
+        """``"<kind> <target>"`` -> number of ops with no cost formula (listed, never zero)."""
+        c = Counter(
+            f"{oc.op.kind} {oc.op.target}" for oc in self.ops if oc.before.status == "unsupported"
+        )
+        return dict(sorted(c.items()))
+
+    @property
+    def ratios(self) -> dict[str, float | None]:
+        """before / after for size (param bytes), BOPs and estimated energy."""
+        b, a = self.totals["before"], self.totals["after"]
+        return {
+            "size": _ratio(b["param_bytes"], a["param_bytes"]),
+            "bops": _ratio(b["bops"], a["bops"]),
+            "energy": _ratio(b["energy_j"], a["energy_j"]),
+        }
+
+    # -- renderers -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"totals": {"before", "after"}, "layers": [{"name", "op", "before", "after"}]}``."""
+        totals = {w: dict(v) for w, v in self.totals.items()}
+        layers = [r.to_dict() for r in self.rows]
+        if self.measured:
+            which = "after" if self.recipe else "before"
+            totals[which]["measured_latency_s"] = self.measured["latency_s"]
+            totals[which]["measured_samples_per_s"] = self.measured["samples_per_s"]
+            totals[which]["measured_tokens_per_s"] = self.measured["tokens_per_s"]
+            for layer in layers:
+                if layer["name"] in self.measured["layers"]:
+                    layer[which]["measured_latency_s"] = self.measured["layers"][layer["name"]]
+        return {"totals": totals, "layers": layers}
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def to_csv(self) -> str:
+        """One line per layer: name, op, then ``before_<metric>`` and ``after_<metric>``."""
+        buf = io.StringIO()
+        keys = [*METRICS, "bound"]
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["name", "op", *(f"{w}_{k}" for w in ("before", "after") for k in keys)])
+        for r in self.rows:
+            writer.writerow(
+                [r.name, r.op, *(getattr(r, w)[k] for w in ("before", "after") for k in keys)]
+            )
+        return buf.getvalue()
+
+    def to_markdown(self) -> str:
+        return _markdown(self)
+
+    def table(self, group_by: str | None = None, top_k: int | None = None, depth=None) -> str:
+        return _text(
+            self,
+            group_by or self.group_by,
+            top_k if top_k is not None else self.top_k,
+            depth if depth is not None else self.depth,
+        )
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        t = self.totals
+        return (
+            f"Report({self.model_name}, {len(self.rows)} rows, "
+            f"params={t['before']['params']}, macs={t['before']['macs']})"
+        )
+
+    def plot(self, path: str) -> str:
+        """Per-layer before/after bars of size and BOPs, saved as a PNG (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise StefxError("Report.plot needs matplotlib: pip install matplotlib") from None
+        rows = [r for r in self.rows if r.before["params"] or r.before["bops"]]
+        names = [r.name or "<root>" for r in rows]
+        fig, axes = plt.subplots(2, 1, figsize=(max(6, len(rows) * 0.4), 8))
+        for ax, key in zip(axes, ("param_bytes", "bops"), strict=True):
+            xs = range(len(rows))
+            ax.bar([x - 0.2 for x in xs], [r.before[key] for r in rows], 0.4, label="before")
+            ax.bar([x + 0.2 for x in xs], [r.after[key] for r in rows], 0.4, label="after")
+            ax.set_xticks(list(xs), names, rotation=90, fontsize=6)
+            ax.set_ylabel(key)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def _ratio(before: float, after: float) -> float | None:
+    return before / after if after else None
+
+
+def _nonzero(row: LayerRow) -> bool:
+    return bool(row.status.get("unsupported")) or any(
+        row.before[k] for k in ("params", "flops", "act_bytes")
+    )
+
+
+def _not_covered(ops: list[OpCost]) -> list[dict[str, Any]]:
+    """Every >=2-D weight of a weighted op that stays float after the plan, once."""
+    out, seen = [], set()
+    for oc in ops:
+        if oc.op.kind not in WEIGHTED_KINDS:
+            continue
+        for role, fqn in oc.op.params.items():
+            shape = tuple(oc.op.param_shapes.get(role, ()))
+            if len(shape) < 2 or fqn in oc.bits.quantized_params or fqn in seen:
+                continue
+            seen.add(fqn)
+            n = 1
+            for s in shape:
+                n *= s
+            out.append(
+                {
+                    "param": fqn,
+                    "module": oc.op.module,
+                    "op": oc.op.kind,
+                    "shape": shape,
+                    "params": n,
+                    "bytes": n * oc.float_bits / 8,
+                }
+            )
+    return out
+
+
+# -- text rendering ------------------------------------------------------------------------
+
+
+def _si(x: float | None, unit: str = "") -> str:
+    """3 significant digits with an SI prefix: 1234567 -> '1.23M'."""
+    if x is None:
+        return "-"
+    if x == 0:
+        return f"0{unit}"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")):
+        if abs(x) >= factor:
+            return f"{x / factor:.3g}{prefix}{unit}"
+    for factor, prefix in ((1e-3, "m"), (1e-6, "u"), (1e-9, "n"), (1e-12, "p")):
+        if abs(x) >= factor:
+            return f"{x / factor:.3g}{prefix}{unit}"
+    return f"{x:.3g}{unit}"
+
+
+def _bytes(x: float) -> str:
+    for factor, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if x >= factor:
+            return f"{x / factor:.3g} {unit}"
+    return f"{x:.4g} B"
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _layer_table(rows: list[LayerRow]) -> list[list[str]]:
+    return [
+        [
+            r.name or "<root>",
+            r.op,
+            f"{r.bits_before}->{r.bits_after}",
+            _si(r.before["params"]),
+            f"{_bytes(r.before['param_bytes'])} -> {_bytes(r.after['param_bytes'])}",
+            _si(r.before["macs"]),
+            f"{_si(r.before['bops'])} -> {_si(r.after['bops'])}",
+            _si(r.after["latency_s"], "s"),
+            r.after["bound"],
+            _si(r.after["energy_j"], "J"),
+        ]
+        for r in rows
+    ]
+
+
+LAYER_HEADERS = [
+    "layer",
+    "op",
+    "bits",
+    "params",
+    "size before -> after",
+    "MACs",
+    "BOPs before -> after",
+    "latency (est.)",
+    "bound",
+    "energy (est.)",
+]
+
+
+def _five(report: Report) -> list[list[str]]:
+    b, a, m = report.totals["before"], report.totals["after"], report.measured
+    lat = f"{_si(b['latency_s'], 's')} -> {_si(a['latency_s'], 's')}"
+    thr = f"{_si(b['samples_per_s'])} -> {_si(a['samples_per_s'])} samples/s"
+    rows = [
+        [
+            "parameter size",
+            f"{_bytes(b['param_bytes'])} -> {_bytes(a['param_bytes'])}",
+            "no",
+            "counted",
+        ],
+        ["FLOPs / MACs", f"{_si(b['flops'])} / {_si(b['macs'])}", "no", "counted"],
+        ["latency", lat, "yes", f"estimate ({report.hardware} roofline)"],
+        [
+            "energy",
+            f"{_si(b['energy_j'], 'J')} -> {_si(a['energy_j'], 'J')}",
+            "yes",
+            f"estimate ({report.energy_table})",
+        ],
+        ["throughput", thr, "yes", f"estimate ({report.hardware} roofline)"],
+    ]
+    if m:
+        tok = f", {_si(m['tokens_per_s'])} tokens/s" if m.get("tokens_per_s") else ""
+        rows.append(["latency", _si(m["latency_s"], "s"), "yes", f"measured ({m['device']})"])
+        rows.append(
+            [
+                "throughput",
+                f"{_si(m['samples_per_s'])} samples/s{tok}",
+                "yes",
+                f"measured ({m['device']})",
+            ]
+        )
+    return rows
+
+
+def _sections(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, headers, rows) of every table after the per-layer one."""
+    t, r = report.totals, report.ratios
+    totals = [
+        [
+            w,
+            _si(t[w]["params"]),
+            _bytes(t[w]["param_bytes"]),
+            _si(t[w]["macs"]),
+            _si(t[w]["flops"]),
+            _si(t[w]["bops"]),
+            _si(t[w]["ops"]),
+            _bytes(t[w]["act_bytes"]),
+            _si(t[w]["latency_s"], "s"),
+            _si(t[w]["energy_j"], "J"),
+        ]
+        for w in ("before", "after")
+    ]
+    totals.append(["ratio", "", _x(r["size"]), "", "", _x(r["bops"]), "", "", "", _x(r["energy"])])
+    out = [
+        (
+            "totals (tied weights counted once)",
+            [
+                "",
+                "params",
+                "size",
+                "MACs",
+                "FLOPs",
+                "BOPs",
+                "OPs",
+                "act bytes",
+                "latency (est.)",
+                "energy (est.)",
+            ],
+            totals,
+        ),
+        (
+            "five classic metrics",
+            ["metric", "before -> after", "hardware-dependent", "source"],
+            _five(report),
+        ),
+    ]
+    if report.recipe is None:
+        out.append(("not covered", ["note"], [["no recipe or plan: every weight stays float"]]))
+    else:
+        nc = [
+            [n["param"], n["op"], "x".join(map(str, n["shape"])), _bytes(n["bytes"])]
+            for n in report.not_covered
+        ]
+        total = sum(n["bytes"] for n in report.not_covered)
+        nc.append(["total", "", "", _bytes(total)])
+        out.append(
+            (
+                "not covered (weights the recipe did not reach, still float)",
+                ["parameter", "op", "shape", "bytes"],
+                nc,
+            )
+        )
+    un = [[k, v] for k, v in report.unsupported.items()] or [["none", 0]]
+    out.append(
+        (
+            "unsupported ops (no cost formula; their arithmetic is not in the totals)",
+            ["op", "count"],
+            un,
+        )
+    )
+    return out
+
+
+def _header(report: Report) -> list[str]:
+    c = report.counts
+    return [
+        f"stefx profile: {report.model_name or 'model'}, recipe {report.recipe or 'none'}, "
+        f"hardware {report.hardware}, energy {report.energy_table}",
+        CONVENTIONS,
+        "MACs: matmul-family multiply-accumulates (bias adds not counted). Latency, energy "
+        "and throughput are estimates unless labelled measured.",
+        f"ops: {c['counted']} counted, {c['ignored']} ignored (views), "
+        f"{c['unsupported']} unsupported",
+    ]
+
+
+def _limited(report: Report, group_by: str, top_k: int | None, depth: int | None):
+    rows = report.grouped(group_by, depth)
+    if top_k is None or len(rows) <= top_k:
+        return rows, 0
+    keep = sorted(rows, key=lambda r: r.before["flops"], reverse=True)[:top_k]
+    kept = {id(r) for r in keep}
+    return [r for r in rows if id(r) in kept], len(rows) - top_k
+
+
+def _text(report: Report, group_by: str, top_k: int | None, depth: int | None) -> str:
+    from tabulate import tabulate
+
+    rows, hidden = _limited(report, group_by, top_k, depth)
+    lines = [*_header(report), ""]
+    lines.append(tabulate(_layer_table(rows), headers=LAYER_HEADERS, tablefmt="simple"))
+    if hidden:
+        lines.append(f"... {hidden} more rows (top_k={top_k} by FLOPs)")
+    for title, headers, body in _sections(report):
+        lines += ["", title, tabulate(body, headers=headers, tablefmt="simple")]
+    return "\n".join(lines)
+
+
+def _markdown(report: Report) -> str:
+    """Markdown: the layer table with exact numbers, then the same sections as the text."""
+    from tabulate import tabulate
+
+    keys = ("params", "param_bytes", "macs", "bops", "latency_s", "energy_j")
+    headers = ["layer", "op", *(f"{w} {k}" for w in ("before", "after") for k in keys)]
+    body = [
+        [r.name, r.op, *(repr(getattr(r, w)[k]) for w in ("before", "after") for k in keys)]
+        for r in report.rows
+    ]
+    lines = [f"## {line}" if i == 0 else line for i, line in enumerate(_header(report))]
+    lines += ["", tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)]
+    for title, hdrs, rows in _sections(report):
+        lines += ["", f"### {title}", "", tabulate(rows, headers=hdrs, tablefmt="github")]
+    return "\n".join(lines) + "\n"
