@@ -114,13 +114,17 @@ class Plan:
 
 
 def _spec_text(spec: QuantSpec | None) -> str:
+    """Short label of a spec for tables, e.g. 'lsq4 channel', 'ternary absmean tensor'."""
     if spec is None:
         return "float"
-    text = f"{spec.type}{spec.num_bits} {spec.strategy}"
-    if spec.group_size:
-        text += f"{spec.group_size}"
-    if spec.type == "binary" or spec.estimator not in ("clipped", "identity", ""):
-        text += f" {spec.estimator}"
+    head = spec.type if spec.type in ("binary", "ternary") else f"{spec.type}{spec.num_bits}"
+    parts = [head]
+    if spec.scale not in ("", "none", "absmax", "minmax", "learned"):
+        parts.append(spec.scale)
+    parts.append(f"{spec.strategy}{spec.group_size or ''}")
+    if spec.type == "binary":
+        parts.append(spec.estimator)
+    text = " ".join(parts)
     return text if spec.enabled else text + " (off)"
 
 
