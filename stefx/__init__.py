@@ -9,6 +9,7 @@
 from stefx.api import dequantize, explain, quantize
 from stefx.capture import capture
 from stefx.errors import CaptureError, NoMatchError, RecipeError, StefxError
+from stefx.profile import profile
 from stefx.recipe import Recipe, Rule, load_recipe, preset_names
 from stefx.ste import Quantizer, QuantSpec, make_quantizer, register_quantizer
 
@@ -29,6 +30,7 @@ __all__ = [
     "load_recipe",
     "make_quantizer",
     "preset_names",
+    "profile",
     "quantize",
     "register_quantizer",
 ]

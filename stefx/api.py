@@ -87,7 +87,10 @@ def quantize(
     apply_plan(model, plan)
     object.__setattr__(model, PLAN_ATTR, plan)
     if report:
+        from stefx.profile import profile  # lazy: report=False never pays for it
+
         print(plan)
+        print(profile(model, example_inputs, plan=plan))
     return model
 
 

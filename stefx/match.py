@@ -20,6 +20,7 @@ as a dotted suffix (``lm_head``, ``q_proj``).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from collections import Counter
@@ -168,7 +169,7 @@ def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
     """Every selectable site of the captured model, in run order (first call)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     params = dict(model.named_parameters(remove_duplicate=False))
-    slots: dict[str, int] = {}
+    slots: dict[tuple[str, str], int] = {}
     ordinals: Counter[tuple[str, str]] = Counter()
     out: list[Candidate] = []
     for op in capture.ops:
@@ -183,29 +184,24 @@ def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
         if weights:
             axes = {w: _expert_in_axis(op, tuple(getattr(module, w).shape)) for w in weights}
             axes = axes if kind == "experts" else {}
-            if op.module not in slots:
-                slots[op.module] = len(out)
+            # One candidate per (module, kind): a module that runs, say, an embedding and a
+            # linear on its own parameters offers both to the rules.
+            slot = (op.module, kind)
+            if slot not in slots:
+                slots[slot] = len(out)
+                first = not any(m == op.module for m, _ in slots if (m, _) != slot)
+                name = op.module if first else f"{op.module}.{kind}".lstrip(".")
                 types = _type_names(module)
                 out.append(
                     Candidate(
-                        op.module,
-                        kind,
-                        op.module,
-                        types,
-                        tuple(weights),
-                        op=op,
-                        expert_in_axis=axes,
+                        name, kind, op.module, types, tuple(weights), op=op, expert_in_axis=axes
                     )
                 )
             else:
-                old = out[slots[op.module]]
-                out[slots[op.module]] = Candidate(
-                    old.name,
-                    "experts" if "experts" in (kind, old.kind) else old.kind,
-                    old.module,
-                    old.type_names,
-                    tuple(dict.fromkeys((*old.params, *weights))),
-                    op=old.op,
+                old = out[slots[slot]]
+                out[slots[slot]] = dataclasses.replace(
+                    old,
+                    params=tuple(dict.fromkeys((*old.params, *weights))),
                     expert_in_axis={**old.expert_in_axis, **axes},
                 )
         elif op.kind in FUNCTIONAL_KINDS and not op.params:

@@ -104,13 +104,24 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[str]:
     """Attach every site of ``plan`` to ``model``; return the names of modules touched."""
     modules = dict(model.named_modules(remove_duplicate=False))
     staged: list[tuple[Site, nn.Module, dict[str, nn.Module]]] = []
+    io_taken: set[tuple[str, str]] = set()
     for site in plan.sites:
         module = modules[site.module]
-        if getattr(module, STATE_ATTR, None) is not None and not staged:
+        if getattr(module, STATE_ATTR, None) is not None:
             raise RecipeError(
                 f"module {site.module!r} is already quantized; call stefx.dequantize(model) first"
             )
-        staged.append((site, module, _build(site, module)))
+        built = _build(site, module)
+        if not site.is_op_site:
+            # A module has one input and one output: its first site quantizes them.
+            for name in ("input_quantizer", "output_quantizer"):
+                if name in built and (site.module, name) in io_taken:
+                    del built[name]
+                io_taken.add((site.module, name))
+            taken = [n for n in built if n.endswith("_quantizer") and hasattr(module, n)]
+            if taken:
+                raise RecipeError(f"module {site.module!r} already has attributes {taken}")
+        staged.append((site, module, built))
     touched: list[str] = []
     for site, module, built in staged:  # nothing below can fail on valid input
         _attach(site, module, built)
@@ -144,8 +155,6 @@ def _attach(site: Site, module: nn.Module, built: dict[str, nn.Module]) -> None:
         state.op_table[key] = (ins, out)
         return
     for name, q in built.items():
-        if hasattr(module, name) and name not in state.added:
-            raise RecipeError(f"module {site.module!r} already has an attribute {name!r}")
         module.add_module(name, q)
         state.added.append(name)
     state.params = tuple(dict.fromkeys((*state.params, *site.params)))

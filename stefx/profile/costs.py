@@ -1,8 +1,9 @@
 """Cost formulas: what one op of the analysis graph costs, from its shapes and bit widths.
 
 Each formula is a pure function ``(OpNode, CostSettings) -> Cost`` registered per op kind
-with :func:`register_cost` (the built-in ones live in :mod:`stefx.profile.formulas`); :func:`cost_of` resolves the bit widths and calls it. Nothing
-here reads tensors, runs a model or mutates a graph.
+with :func:`register_cost` (the built-in ones live in :mod:`stefx.profile.formulas`);
+:func:`cost_of` resolves the bit widths and calls it. Nothing here reads tensors, runs a
+model or mutates a graph.
 
 Conventions (the report states them too):
 

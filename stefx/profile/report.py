@@ -469,6 +469,8 @@ def _five(report: Report) -> list[list[str]]:
     b, a, m = report.totals["before"], report.totals["after"], report.measured
     lat = f"{_si(b['latency_s'], 's')} -> {_si(a['latency_s'], 's')}"
     thr = f"{_si(b['samples_per_s'])} -> {_si(a['samples_per_s'])} samples/s"
+    if b["tokens_per_s"]:
+        thr += f" ({_si(b['tokens_per_s'])} -> {_si(a['tokens_per_s'])} tokens/s)"
     rows = [
         [
             "parameter size",
