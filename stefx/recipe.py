@@ -238,6 +238,16 @@ def _rule_from_dict(data: Any, index: int, where_recipe: str) -> Rule:
     fold_bn = data.get("fold_bn", False)
     if not isinstance(fold_bn, bool):
         raise RecipeError(f"{where}: fold_bn={fold_bn!r} is invalid; expected true or false")
+    if fold_bn:
+        raise RecipeError(
+            f"{where}: fold_bn=true is not supported yet (BatchNorm folding for QAT is planned); "
+            "remove it to quantize the conv with BatchNorm kept as a separate op"
+        )
+    if len(pattern) > 1 and data.get("output_activations") not in (None, False):
+        raise RecipeError(
+            f"{where}: output_activations on a multi-op pattern is not supported yet; put it "
+            "on a rule that targets the pattern's last module instead"
+        )
     fields = {f: _field(data.get(f), f"{where} {f}") for f in FIELDS}
     if all(v is None for v in fields.values()):
         raise RecipeError(

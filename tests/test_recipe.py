@@ -133,3 +133,28 @@ def test_the_users_dict_is_not_mutated():
     data = copy.deepcopy(BASE)
     load_recipe(data)
     assert data == BASE
+
+
+def test_unsupported_options_are_refused_not_ignored():
+    with pytest.raises(RecipeError, match="fold_bn=true is not supported yet"):
+        load_recipe(
+            {
+                "name": "t",
+                "rules": [
+                    {
+                        "pattern": ["conv", "batch_norm"],
+                        "fold_bn": True,
+                        "weights": {"type": "uniform"},
+                    },
+                ],
+            }
+        )
+    with pytest.raises(RecipeError, match="output_activations on a multi-op pattern"):
+        load_recipe(
+            {
+                "name": "t",
+                "rules": [
+                    {"pattern": ["conv", "relu"], "output_activations": {"type": "uniform"}},
+                ],
+            }
+        )

@@ -271,3 +271,9 @@ def test_register_rejects_a_non_quantizer():
 def test_quantspec_direct_construction_keeps_defaults():
     spec = QuantSpec(type="uniform", num_bits=4)
     assert spec.options == {} and spec.to_dict()["strategy"] == "tensor"
+
+
+def test_uniform_scale_must_agree_with_symmetric():
+    with pytest.raises(RecipeError, match="scale='absmax' contradicts symmetric=False"):
+        stefx.make_quantizer({"type": "uniform", "symmetric": False, "scale": "absmax"})
+    assert stefx.make_quantizer({"type": "uniform", "symmetric": False}).spec.scale == "minmax"

@@ -61,6 +61,10 @@ class Quantizer(nn.Module):
     def check_options(cls, options: dict[str, Any], where: str) -> None:
         """Hook for cross-field checks of per-type options; raise RecipeError on a fault."""
 
+    @classmethod
+    def check_scale(cls, scale: str, symmetric: bool, where: str) -> None:
+        """Hook: reject a ``scale`` that contradicts ``symmetric``; raise RecipeError."""
+
     def __init__(self, spec: QuantSpec | Mapping[str, Any]) -> None:
         super().__init__()
         if not isinstance(spec, QuantSpec):

@@ -184,6 +184,7 @@ def parse_spec(spec: Mapping[str, Any] | QuantSpec, where: str = "quantizer spec
         k: _check_type(where, k, get(k, default), default) for k, default in cls.options.items()
     }
     cls.check_options(options, where)
+    cls.check_scale(scale, symmetric, where)
     return QuantSpec(
         type=spec["type"],
         num_bits=bits,

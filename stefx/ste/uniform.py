@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from stefx.errors import RecipeError
 from stefx.ste.base import Quantizer
 from stefx.ste.functions import fake_quant_rows
 from stefx.ste.spec import register_quantizer
@@ -70,8 +71,15 @@ class UniformQuantizer(Quantizer):
         return "absmax" if symmetric else "minmax"
 
     @classmethod
-    def check_options(cls, options, where):
-        pass
+    def check_scale(cls, scale: str, symmetric: bool, where: str) -> None:
+        # The scale rule *is* the range choice: absmax gives signed codes around zero,
+        # minmax an unsigned range with a zero point. Refuse contradictions, not guess.
+        wanted = "absmax" if symmetric else "minmax"
+        if scale != wanted:
+            raise RecipeError(
+                f"{where}: scale={scale!r} contradicts symmetric={symmetric}; "
+                f"use scale: {wanted} (or symmetric: {str(not symmetric).lower()})"
+            )
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
