@@ -19,6 +19,7 @@ from stefx.ste.binary import (
     register_sign_estimator,
     scaled_sign,
 )
+from tests.ste_support import grad_of, matrices, saved_during_forward, special
 
 ESTIMATORS = ("clipped", "identity", "approx_sign", "swish_sign", "ede")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -26,13 +27,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def make(**spec):
     return stefx.make_quantizer({"type": "binary", **spec})
-
-
-def grad_of(q, x, upstream=None):
-    x = x.detach().clone().requires_grad_(True)
-    y = q(x)
-    y.backward(torch.ones_like(y) if upstream is None else upstream)
-    return y.detach(), x.grad
 
 
 # ---------------------------------------------------------------- spec and registry
@@ -266,23 +260,16 @@ def test_xnor_gradient_equals_autograd_through_alpha():
 # ---------------------------------------------------------------- what the backward keeps
 
 
-def _saved_during_forward(q, x):
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = q(x)
-    return y, saved
-
-
 @pytest.mark.parametrize("strategy", ["tensor", "channel"])
 def test_clipped_saves_only_a_bool_mask(strategy):
     x = torch.randn(4, 8, requires_grad=True)
-    _, saved = _saved_during_forward(make(strategy=strategy), x)
+    _, saved = saved_during_forward(make(strategy=strategy), x)
     assert [t.dtype for t in saved] == [torch.bool]
     assert saved[0].numel() == x.numel()
 
 
 def test_identity_saves_nothing():
-    _, saved = _saved_during_forward(make(estimator="identity"), torch.randn(8, requires_grad=True))
+    _, saved = saved_during_forward(make(estimator="identity"), torch.randn(8, requires_grad=True))
     assert saved == []
 
 
@@ -290,7 +277,7 @@ def test_identity_saves_nothing():
 @pytest.mark.parametrize("scale", ["none", "absmean"])
 def test_no_full_size_float_is_saved_beyond_the_input(name, scale):
     x = torch.randn(4, 8, requires_grad=True)
-    y, saved = _saved_during_forward(make(estimator=name, scale=scale, strategy="channel"), x)
+    y, saved = saved_during_forward(make(estimator=name, scale=scale, strategy="channel"), x)
     for t in saved:
         small = t.numel() <= x.shape[0]
         is_input = t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
@@ -340,16 +327,6 @@ def test_nan_propagates_and_inf_binarizes():
 
 
 # ---------------------------------------------------------------- properties
-
-finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
-
-
-@st.composite
-def matrices(draw, elements=finite):
-    rows = draw(st.integers(1, 4))
-    cols = draw(st.integers(1, 6))
-    values = draw(st.lists(elements, min_size=rows * cols, max_size=rows * cols))
-    return torch.tensor(values, dtype=torch.float32).reshape(rows, cols)
 
 
 SPECS = st.fixed_dictionaries(
@@ -405,9 +382,6 @@ def test_zeros(dtype, name):
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
     assert torch.equal(make(estimator=name)(x.detach()), torch.ones_like(x))
-
-
-special = st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -3.0])
 
 
 @settings(max_examples=30, deadline=None)

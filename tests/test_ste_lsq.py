@@ -19,6 +19,7 @@ import stefx.ste.lsq  # noqa: F401  (registers "lsq" and "lsq+")
 from stefx.errors import RecipeError
 from stefx.ste.lsq import LSQPlusQuantizer, LSQQuantizer
 from stefx.ste.spec import make_quantizer, parse_spec
+from tests.ste_support import saved_during_forward, signature
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TYPES = ("lsq", "lsq+")
@@ -367,16 +368,9 @@ def test_backward_saves_only_input_and_parameters(dtype, type_, strategy, streng
     q = make(type_, strategy=strategy, strength=strength)
     x = torch.randn(4, 64, dtype=dtype).requires_grad_(True)
     q.init_from(x)
-    saved = []
-
-    def pack(t):
-        saved.append((t.dtype, tuple(t.shape), t.data_ptr()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = q(x)
-    allowed = {(x.dtype, tuple(x.shape), x.data_ptr())}
-    allowed |= {(p.dtype, tuple(p.shape), p.data_ptr()) for p in q.parameters()}
+    y, tensors = saved_during_forward(q, x)
+    saved = [signature(t) for t in tensors]
+    allowed = {signature(x)} | {signature(p) for p in q.parameters()}
     floats = [s for s in saved if s[0].is_floating_point]
     assert floats and all(s in allowed for s in floats), saved
     assert all(s[0] == torch.bool for s in saved if not s[0].is_floating_point)

@@ -17,6 +17,7 @@ from stefx.errors import RecipeError
 from stefx.ste.dorefa import DoReFaQuantizer  # importing registers "dorefa"
 from stefx.ste.pact import PACTQuantizer  # importing registers "pact"
 from stefx.ste.spec import make_quantizer, parse_spec
+from tests.ste_support import saved_during_forward, signature
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PROPS = settings(max_examples=30, deadline=None)
@@ -268,16 +269,9 @@ def test_nan_and_inf_do_not_raise(x, kind):
 def test_backward_saves_only_input_parameters_or_a_mask(type_, spec, dtype):
     q = make(type_, **spec)
     x = torch.randn(8, 32, dtype=dtype).requires_grad_(True)
-    saved = []
-
-    def pack(t):
-        saved.append((t.dtype, tuple(t.shape), t.data_ptr()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = q(x)
-    allowed = {(x.dtype, tuple(x.shape), x.data_ptr())}
-    allowed |= {(p.dtype, tuple(p.shape), p.data_ptr()) for p in q.parameters()}
+    y, tensors = saved_during_forward(q, x)
+    saved = [signature(t) for t in tensors]
+    allowed = {signature(x)} | {signature(p) for p in q.parameters()}
     assert all(s in allowed for s in saved if s[0].is_floating_point), saved
     masks = [s for s in saved if not s[0].is_floating_point]
     assert all(s[0] == torch.bool for s in masks) and len(masks) <= 1

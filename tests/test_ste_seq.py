@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import stefx
 import stefx.ste.seq  # registers "seq"
 from stefx.ste.seq import SEQQuantizer
+from tests.ste_support import grad_of, matrices, saved_during_forward, special
 
 BITS = (2, 3, 4)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -26,13 +27,6 @@ def with_alpha(alpha, **spec):
     q = make(**spec)
     q.alpha.data = torch.tensor(alpha, dtype=torch.float32)
     return q
-
-
-def grad_of(q, x, upstream=None):
-    x = x.detach().clone().requires_grad_(True)
-    y = q(x)
-    y.backward(torch.ones_like(y) if upstream is None else upstream)
-    return y.detach(), x.grad
 
 
 # ---------------------------------------------------------------- spec
@@ -229,18 +223,6 @@ def test_zeros_give_no_nan(bits, dtype):
     assert torch.isfinite(x.grad).all() and torch.isfinite(q.alpha.grad).all()
 
 
-special = st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -3.0])
-finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
-
-
-@st.composite
-def matrices(draw, elements=finite):
-    rows = draw(st.integers(1, 4))
-    cols = draw(st.integers(1, 6))
-    values = draw(st.lists(elements, min_size=rows * cols, max_size=rows * cols))
-    return torch.tensor(values, dtype=torch.float32).reshape(rows, cols)
-
-
 @settings(max_examples=25, deadline=None)
 @given(matrices(special), st.sampled_from(BITS), st.sampled_from(["channel", "tensor"]))
 def test_nan_and_inf_do_not_raise(w, bits, strategy):
@@ -272,19 +254,12 @@ def test_level_count_sign_and_idempotence(w, bits, strategy):
 # ---------------------------------------------------------------- what backward keeps
 
 
-def _saved_during_forward(q, x):
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = q(x)
-    return y, saved
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("strategy", ["channel", "tensor"])
 def test_saves_only_the_input_and_alpha(dtype, strategy):
     q = make(num_bits=3, strategy=strategy)
     x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
-    _, saved = _saved_during_forward(q, x)
+    _, saved = saved_during_forward(q, x)
     assert len(saved) == 2
     big = [t for t in saved if t.numel() == x.numel()]
     assert len(big) == 1

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import stefx
 from stefx.ste import ternary  # noqa: F401  (registers "ternary")
 from stefx.ste.ternary import TernaryQuantizer
+from tests.ste_support import grad_of, matrices, saved_during_forward, special
 
 SCALES = ("absmean", "twn", "seq")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -20,13 +21,6 @@ CLIP = 1.0 - 1e-2
 
 def make(**spec):
     return stefx.make_quantizer({"type": "ternary", **spec})
-
-
-def grad_of(q, x, upstream=None):
-    x = x.detach().clone().requires_grad_(True)
-    y = q(x)
-    y.backward(torch.ones_like(y) if upstream is None else upstream)
-    return y.detach(), x.grad
 
 
 # ---------------------------------------------------------------- spec
@@ -257,23 +251,16 @@ def test_identity_ste(scale):
     assert torch.equal(g, g_up)
 
 
-def _saved_during_forward(q, x):
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = q(x)
-    return y, saved
-
-
 @pytest.mark.parametrize("scale", ["absmean", "twn"])
 def test_identity_ste_saves_nothing(scale):
-    _, saved = _saved_during_forward(make(scale=scale), torch.randn(4, 8, requires_grad=True))
+    _, saved = saved_during_forward(make(scale=scale), torch.randn(4, 8, requires_grad=True))
     assert saved == []
 
 
 def test_seq_saves_only_the_input_and_alpha():
     q = make(scale="seq", strategy="channel")
     x = torch.randn(4, 8, requires_grad=True)
-    _, saved = _saved_during_forward(q, x)
+    _, saved = saved_during_forward(q, x)
     assert len(saved) == 2
     assert saved[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     assert saved[1] is q.alpha or saved[1].numel() == 4
@@ -304,16 +291,6 @@ def test_meta_device(scale):
 
 
 # ---------------------------------------------------------------- properties
-
-finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
-
-
-@st.composite
-def matrices(draw, elements=finite):
-    rows = draw(st.integers(1, 4))
-    cols = draw(st.integers(1, 6))
-    values = draw(st.lists(elements, min_size=rows * cols, max_size=rows * cols))
-    return torch.tensor(values, dtype=torch.float32).reshape(rows, cols)
 
 
 STRATEGIES = st.sampled_from(["tensor", "channel"])
@@ -384,9 +361,6 @@ def test_zeros_give_zeros(dtype, scale):
     assert torch.isfinite(x.grad).all()
     if scale == "seq":
         assert torch.isfinite(q.alpha.grad).all()
-
-
-special = st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -3.0])
 
 
 @settings(max_examples=30, deadline=None)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import stefx
 from stefx.ste.uniform import UniformQuantizer
+from tests.ste_support import saved_during_forward
 
 ALL_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 PROPERTY = settings(max_examples=40, deadline=None)
@@ -291,14 +292,7 @@ def test_load_state_dict_keeps_the_module_device():
 
 
 def saved_by_backward(q: UniformQuantizer, x: torch.Tensor) -> list[torch.Tensor]:
-    saved: list[torch.Tensor] = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = q(x)
+    y, saved = saved_during_forward(q, x)
     y.sum().backward()
     return saved
 
