@@ -4,44 +4,37 @@ one module's own forward, without tracing or replacing that module.
 Hugging Face attention is not fx-traceable and splicing a GraphModule in would cost the
 module its class, so op sites are materialised at run time instead: while the owning
 module runs, a ``TorchFunctionMode`` sees each torch-level call, counts calls per op kind
-(the same ordinals ``stefx.match`` read off the analysis graph) and routes the operands
+(classified by capture's own kind table, so the ordinals are the ones ``stefx.match`` read
+off the analysis graph) and routes the operands
 of the selected calls through their quantizers. Calls made inside child modules are not
 counted: the children's own hooks suspend the count while they run.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["OP_KINDS", "OpInterceptor", "operand_positions"]
+from stefx.capture.kinds import FUNCTIONAL_KINDS, kind_of_function
 
-#: torch-level callables -> op kind (the names the analysis graph uses).
-OP_KINDS: dict[Any, str] = {
-    torch.matmul: "matmul",
-    torch.Tensor.matmul: "matmul",
-    torch.Tensor.__matmul__: "matmul",
-    torch.bmm: "bmm",
-    torch.Tensor.bmm: "bmm",
-    torch.mm: "mm",
-    torch.Tensor.mm: "mm",
-    torch.baddbmm: "baddbmm",
-    torch.Tensor.baddbmm: "baddbmm",
-    torch.addmm: "addmm",
-    torch.Tensor.addmm: "addmm",
-    torch.einsum: "einsum",
-    F.scaled_dot_product_attention: "sdpa",
-}
+__all__ = ["OpInterceptor", "operand_positions"]
+
+
+@functools.lru_cache(maxsize=512)
+def _kind(func: Any) -> str | None:
+    """Op kind of a torch-level callable, by capture's own table (None: not an op-site kind)."""
+    kind = kind_of_function(func)
+    return kind if kind in FUNCTIONAL_KINDS else None
 
 
 def operand_positions(kind: str, n_inputs: int) -> tuple[int, ...]:
     """Argument positions of the tensor operands an op site quantizes."""
-    if kind in ("matmul", "bmm", "mm"):
+    if kind in ("matmul", "bmm"):
         return (0, 1)
     if kind in ("baddbmm", "addmm"):
         return (1, 2)  # not the additive input
@@ -67,8 +60,8 @@ class OpInterceptor(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        kind = OP_KINDS.get(func)
-        if kind is None or self.suspended:
+        kind = None if self.suspended else _kind(func)
+        if kind is None:
             return func(*args, **kwargs)
         ordinal = self.counts[kind]
         self.counts[kind] += 1

@@ -29,17 +29,13 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from stefx.capture.graph import Capture, OpNode
+from stefx.capture.kinds import FUNCTIONAL_KINDS, MATMUL_KINDS, MODULE_WEIGHT_KINDS
 from stefx.pattern import find_chains
 from stefx.recipe import FIELDS, FLOAT, Recipe, Rule
 from stefx.ste.spec import QuantSpec
 
-__all__ = ["FUNCTIONAL_KINDS", "Candidate", "Plan", "Site", "match"]
+__all__ = ["Candidate", "Plan", "Site", "match", "op_sites"]
 
-#: Kinds of weightless ops that can carry an op site.
-FUNCTIONAL_KINDS = ("matmul", "bmm", "mm", "baddbmm", "addmm", "einsum", "sdpa")
-MATMUL_KINDS = ("linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "einsum")
-#: Kinds whose module op reads a weight of its own.
-WEIGHT_KINDS = ("linear", "conv", "conv_transpose", "embedding", "experts", "lstm", "gru", "rnn")
 _KIND_ALIASES = {"conv1d": ("conv", 1), "conv2d": ("conv", 2), "conv3d": ("conv", 3)}
 _GLOB = re.compile(r"[*?\[]")
 
@@ -148,13 +144,11 @@ def _local_param(model_params: dict, module: nn.Module, prefix: str, fqn: str) -
     return None
 
 
-def _module_kind(op: OpNode) -> str | None:
+def module_op_kind(op: OpNode) -> str | None:
     """Kind of a module op that reads its own weight, or None for ops that only view it."""
-    if op.kind in WEIGHT_KINDS:
-        return op.kind
-    if op.kind in MATMUL_KINDS:
+    if op.kind in MATMUL_KINDS and op.kind != "experts":
         return "linear"  # e.g. Hugging Face Conv1D: addmm(bias, x, weight)
-    return None
+    return op.kind if op.kind in MODULE_WEIGHT_KINDS else None
 
 
 def _expert_in_axis(op: OpNode, weight_shape: tuple[int, ...]) -> int:
@@ -165,22 +159,48 @@ def _expert_in_axis(op: OpNode, weight_shape: tuple[int, ...]) -> int:
     return 2
 
 
+def functional_ordinals(ops: list[OpNode]) -> dict[int, int]:
+    """id(op) -> its index among the calls of its kind in its module, for every functional
+    op, weight-reading or not: the run-time interceptor sees them all, so the numbering of
+    op sites (``<module>.<kind>_<n>``) must count them all too."""
+    counts: Counter[tuple[str, str]] = Counter()
+    out = {}
+    for op in ops:
+        if op.kind in FUNCTIONAL_KINDS:
+            out[id(op)] = counts[(op.module, op.kind)]
+            counts[(op.module, op.kind)] += 1
+    return out
+
+
+def op_site_name(op: OpNode, ordinal: int) -> str:
+    return f"{op.module}.{op.kind}_{ordinal}" if op.module else f"{op.kind}_{ordinal}"
+
+
+def op_sites(ops: list[OpNode]) -> dict[str, OpNode]:
+    """Op-site name -> op for every weightless functional op, named as ``match`` names them."""
+    ordinals = functional_ordinals(ops)
+    return {
+        op_site_name(op, ordinals[id(op)]): op for op in ops if id(op) in ordinals and not op.params
+    }
+
+
 def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
     """Every selectable site of the captured model, in run order (first call)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     params = dict(model.named_parameters(remove_duplicate=False))
     slots: dict[tuple[str, str], int] = {}
-    ordinals: Counter[tuple[str, str]] = Counter()
+    ordinals = functional_ordinals(capture.ops)
     out: list[Candidate] = []
     for op in capture.ops:
         module = modules.get(op.module)
-        kind = _module_kind(op)
+        kind = module_op_kind(op)
         weights = []
         if module is not None and kind is not None:
             for fqn in op.params.values():
                 local = _local_param(params, module, op.module, fqn)
                 if local is not None and getattr(module, local).dim() >= 2:
                     weights.append(local)
+        ordinal = ordinals.get(id(op))
         if weights:
             axes = {w: _expert_in_axis(op, tuple(getattr(module, w).shape)) for w in weights}
             axes = axes if kind == "experts" else {}
@@ -204,11 +224,9 @@ def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
                     params=tuple(dict.fromkeys((*old.params, *weights))),
                     expert_in_axis={**old.expert_in_axis, **axes},
                 )
-        elif op.kind in FUNCTIONAL_KINDS and not op.params:
-            n = ordinals[(op.module, op.kind)]
-            ordinals[(op.module, op.kind)] += 1
-            name = f"{op.module}.{op.kind}_{n}" if op.module else f"{op.kind}_{n}"
-            out.append(Candidate(name, op.kind, op.module, _type_names(module), (), n, op))
+        elif ordinal is not None and not op.params:
+            name = op_site_name(op, ordinal)
+            out.append(Candidate(name, op.kind, op.module, _type_names(module), (), ordinal, op))
     return out
 
 

@@ -282,3 +282,34 @@ def test_a_recipe_that_selects_nothing_at_all_fails_even_when_rules_may_miss():
     }
     with pytest.raises(stefx.NoMatchError, match="selected no site"):
         stefx.quantize(model, recipe, example, report=False)
+
+
+class _MixedMatmuls(nn.Module):
+    """A weight-reading matmul, then a weightless torch.mm: the op site is the second call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.w
+        return torch.mm(h, h.t())
+
+
+def test_op_site_numbering_agrees_with_the_run_time_count():
+    torch.manual_seed(0)
+    model, x = _MixedMatmuls(), torch.randn(4, 8)
+    recipe = {
+        "name": "mm",
+        "rules": [{"targets": ["matmul"], "input_activations": {"type": "uniform", "num_bits": 2}}],
+    }
+    plan = stefx.explain(model, recipe, (x,))
+    assert [s.name for s in plan.sites] == ["matmul_1"]
+    ref = model(x)
+    stefx.quantize(model, recipe, (x,), report=False)
+    fired = []
+    for name, q in model.op_quantizers.items():
+        q.register_forward_hook(lambda mod, a, o, name=name: fired.append(name))
+    out = model(x)
+    assert fired == ["matmul_1_in0", "matmul_1_in1"]
+    assert not torch.equal(out, ref)

@@ -17,7 +17,9 @@ import torch.fx as fx
 from torch import nn
 
 __all__ = [
+    "FUNCTIONAL_KINDS",
     "MATMUL_KINDS",
+    "MODULE_WEIGHT_KINDS",
     "SKIPPED",
     "WEIGHT_KINDS",
     "base_name",
@@ -31,6 +33,12 @@ __all__ = [
 MATMUL_KINDS = frozenset({"linear", "matmul", "bmm", "addmm", "baddbmm", "einsum", "experts"})
 # Kinds that carry a weight a recipe quantizes.
 WEIGHT_KINDS = frozenset(MATMUL_KINDS | {"conv", "conv_transpose", "embedding"})
+# Module ops whose weights live in the module itself: what a ``weights`` rule can reach
+# and what the report lists as covered or not (recurrent cells, nn.MultiheadAttention).
+MODULE_WEIGHT_KINDS = frozenset(WEIGHT_KINDS | {"lstm", "gru", "rnn", "attention"})
+# Weightless ops that can carry an op site (attention QK^T / PV, bmm, einsum, SDPA). The
+# run-time interceptor classifies calls with ``kind_of_function`` too, so both agree.
+FUNCTIONAL_KINDS = frozenset({"matmul", "bmm", "addmm", "baddbmm", "einsum", "sdpa"})
 
 _KIND_BY_NAME: dict[str, str] = {}
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -28,32 +27,15 @@ import torch
 from torch import nn
 
 from stefx.capture.graph import Capture, OpNode
+from stefx.capture.kinds import MODULE_WEIGHT_KINDS
 from stefx.errors import StefxError
+from stefx.match import module_op_kind, op_sites
 from stefx.profile.costs import Cost, cost_of, dtype_bits
 from stefx.profile.hardware import energy, load_energy_table, load_hardware, roofline_latency
 from stefx.profile.report import LayerRow, OpCost, Report
 
 __all__ = ["OpBits", "profile"]
 
-#: Op kinds that read a weight of their own (the ones a weight quantizer reaches).
-WEIGHTED_KINDS = (
-    "linear",
-    "addmm",
-    "conv",
-    "conv_transpose",
-    "embedding",
-    "experts",
-    "lstm",
-    "gru",
-    "rnn",
-    "matmul",
-    "mm",
-    "bmm",
-    "baddbmm",
-    "einsum",
-    "attention",
-)
-FUNCTIONAL = ("matmul", "bmm", "mm", "baddbmm", "addmm", "einsum", "sdpa")
 MEASURE_RUNS = 5
 
 
@@ -266,26 +248,14 @@ def _scale_groups(spec, shape: tuple[int, ...], in_axis: int | None) -> int:
         return 1
 
 
-def _op_sites(ops: list[OpNode]) -> dict[str, OpNode]:
-    """Op-site name -> op, counted as :func:`stefx.match.candidates` counts them."""
-    ordinals: Counter[tuple[str, str]] = Counter()
-    out = {}
-    for op in ops:
-        if op.kind in FUNCTIONAL and not op.params:
-            n = ordinals[(op.module, op.kind)]
-            ordinals[(op.module, op.kind)] += 1
-            out[f"{op.module}.{op.kind}_{n}" if op.module else f"{op.kind}_{n}"] = op
-    return out
-
-
 def plan_bits(plan: Any, ops: list[OpNode], model: nn.Module) -> dict[int, OpBits]:
     """id(op) -> the bits the plan gives it. Ops in no site are absent (they stay float)."""
     out: dict[int, OpBits] = {}
-    op_sites = _op_sites(ops)
-    by_module: dict[str, Any] = {}
+    named_op_sites = op_sites(ops)
+    by_module: dict[tuple[str, str], Any] = {}
     for site in plan.sites:
         if site.is_op_site:
-            op = op_sites.get(site.name)
+            op = named_op_sites.get(site.name)
             if op is not None and site.input_activations is not None:
                 bits = site.input_activations.num_bits
                 out_bits = _bits(site.output_activations)
@@ -293,10 +263,10 @@ def plan_bits(plan: Any, ops: list[OpNode], model: nn.Module) -> dict[int, OpBit
             elif op is not None:
                 out[id(op)] = OpBits(out_bits=_bits(site.output_activations))
         else:
-            by_module[site.module] = site
+            by_module[(site.module, site.kind)] = site
     for op in ops:
-        site = by_module.get(op.module)
-        if site is None or op.kind not in WEIGHTED_KINDS or not op.params:
+        site = by_module.get((op.module, module_op_kind(op)))
+        if site is None or op.kind not in MODULE_WEIGHT_KINDS or not op.params:
             continue
         quantized, groups = set(), 0
         if site.weights is not None:
@@ -334,7 +304,7 @@ def row_names(ops: list[OpNode], model: nn.Module) -> dict[int, str]:
     op-site names of :mod:`stefx.match`). Everything else in a module's own forward
     (norms, softmax, elementwise...) goes to that module's row."""
     has_children = {name for name, m in model.named_modules() if next(m.children(), None)}
-    sites = {id(op): name for name, op in _op_sites(ops).items()}
+    sites = {id(op): name for name, op in op_sites(ops).items()}
     out = {}
     for op in ops:
         inner = op.attrs.get("inside_opaque")

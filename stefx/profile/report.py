@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stefx.capture.graph import OpNode
+from stefx.capture.kinds import MODULE_WEIGHT_KINDS
 from stefx.errors import StefxError
 from stefx.profile.costs import Cost
 
@@ -37,23 +38,6 @@ METRICS = (
 CONVENTIONS = (
     "FLOPs = 2 x MACs; BOPs = MACs x b_w x b_a; OPs = FLOPs + BOPs/64 for binary layers "
     "(Bi-Real Net / ReActNet)."
-)
-WEIGHTED_KINDS = (
-    "linear",
-    "addmm",
-    "conv",
-    "conv_transpose",
-    "embedding",
-    "experts",
-    "lstm",
-    "gru",
-    "rnn",
-    "matmul",
-    "mm",
-    "bmm",
-    "baddbmm",
-    "einsum",
-    "attention",
 )
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")
 
@@ -155,7 +139,7 @@ def _row(name: str, members: list[OpCost]) -> LayerRow:
         sums[which]["bound"] = _bound(bound_time[which])
     main = max(
         members,
-        key=lambda oc: (oc.op.kind in WEIGHTED_KINDS or oc.op.kind == "sdpa", oc.before.flops),
+        key=lambda oc: (oc.op.kind in MODULE_WEIGHT_KINDS or oc.op.kind == "sdpa", oc.before.flops),
     )
     status = Counter(oc.before.status for oc in members)
     notes = sorted({oc.after.note for oc in members if oc.after.status == "unsupported"})
@@ -381,7 +365,7 @@ def _not_covered(ops: list[OpCost]) -> list[dict[str, Any]]:
     """Every >=2-D weight of a weighted op that stays float after the plan, once."""
     out, seen = [], set()
     for oc in ops:
-        if oc.op.kind not in WEIGHTED_KINDS:
+        if oc.op.kind not in MODULE_WEIGHT_KINDS:
             continue
         for role, fqn in oc.op.params.items():
             shape = tuple(oc.op.param_shapes.get(role, ()))
