@@ -106,6 +106,14 @@ class Quantizer(nn.Module):
     def init_from(self, x: torch.Tensor) -> None:
         """Initialise learned state (scales, offsets) from a sample tensor. Default: none."""
 
+    def _shape_empty_parameter(self, name: str, state_dict: dict, prefix: str) -> None:
+        """A lazily initialised parameter still empty when a checkpoint loads: give it the
+        saved shape, so ``load_state_dict`` fills it instead of failing on the size."""
+        saved = state_dict.get(prefix + name)
+        param = getattr(self, name)
+        if saved is not None and param.numel() == 0:
+            param.data = torch.empty(saved.shape, dtype=param.dtype, device=param.device)
+
     def extra_repr(self) -> str:
         s = self.spec
         parts = [f"type={s.type}", f"bits={self.bits}", f"strategy={s.strategy}"]

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fake_quant_rows", "fake_quant_rows_reference"]
+__all__ = ["fake_quant_rows", "fake_quant_rows_reference", "wide"]
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype quantizer arithmetic runs in: float32, or float64 for float64."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def fake_quant_rows_reference(

@@ -12,7 +12,8 @@ gives one α for the whole weight). With k = 2^(b-1) levels per side::
 2 bits: levels a·{±1/4, ±3/4}; 3 bits: a·{±1/8, ±3/8, ±5/8, ±7/8}; 4 bits: a·{±1/16, ...,
 ±15/16}. The 2k equal-width bins split [-a, a] at multiples of a/k and each level sits at
 its bin's centre (the "stretch"); c < 1 keeps k·c - 1/2 below k - 1/2, so |u| >= 1 lands
-on the top level and never rounds past it (the clip ternary SEQ uses, ``SEQ_CLIP``).
+on the top level and never rounds past it (``SEQ_CLIP``). The ternary quantizer's ``seq``
+scale runs on this same code with ``TERNARY_GRID`` (codes round(1.5·u) ∈ {-1, 0, 1}).
 ``round`` is round-half-to-even, as in ParetoQ's code, so a tie on a bin edge u = j/k goes
 to the even code: u = 0 gives +a/(2k), u = -1/k gives -3a/(2k) but u = +1/k gives +a/(2k).
 Ties have measure zero in training; stefx keeps the reference behaviour.
@@ -62,71 +63,110 @@ from __future__ import annotations
 
 import math
 from types import MappingProxyType
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from stefx.errors import RecipeError
 from stefx.ste.base import Quantizer
+from stefx.ste.functions import wide
 from stefx.ste.spec import register_quantizer
-from stefx.ste.ternary import SEQ_CLIP
 
-__all__ = ["SEQQuantizer", "seq_levels", "stretched_elastic"]
+__all__ = ["SEQ_CLIP", "SEQQuantizer", "SeqGrid", "seq_forward", "seq_levels", "stretched_elastic"]
 
-SEQ_SHIFT = 0.5  # ParetoQ's shift for b >= 2 bits: codes are half-integers, none at zero
+SEQ_CLIP = 1.0 - 1e-2  # c: clamp(u) stays below the top bin edge, so it never rounds past
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """x in the dtype the arithmetic runs in: float32, or float64 for float64 input."""
-    return x if x.dtype == torch.float64 else x.float()
+class SeqGrid(NamedTuple):
+    """A SEQ grid: codes round(n·u - shift) + shift, levels codes/n, LSQ bound Q_p."""
+
+    n_levels: float
+    shift: float
+    code_bound: int
+
+    @classmethod
+    def for_bits(cls, num_bits: int) -> SeqGrid:
+        k = 2 ** (num_bits - 1)
+        return cls(float(k), 0.5, k - 1)
+
+
+#: ParetoQ's 1.58-bit grid: codes round(1.5·u) ∈ {-1, 0, 1}, levels {-2/3, 0, 2/3}.
+TERNARY_GRID = SeqGrid(1.5, 0.0, 1)
 
 
 def _step(alpha: torch.Tensor, eps: float) -> torch.Tensor:
-    a = _wide(alpha)
+    a = wide(alpha)
     return torch.where(a > eps, a, eps).unsqueeze(1)
 
 
-def seq_levels(u: torch.Tensor, num_bits: int) -> torch.Tensor:
+def seq_levels(u: torch.Tensor, grid: SeqGrid) -> torch.Tensor:
     """q(u): the SEQ level of u = W/α, in units of α (ParetoQ's forward, without α)."""
-    k = 2 ** (num_bits - 1)
-    codes = torch.round(u.clamp(-SEQ_CLIP, SEQ_CLIP) * k - SEQ_SHIFT) + SEQ_SHIFT
-    return codes / k
+    n, shift = grid.n_levels, grid.shift
+    codes = torch.round(u.clamp(-SEQ_CLIP, SEQ_CLIP) * n - shift) + shift + 0.0  # -0 -> +0
+    return codes / n
 
 
 class _StretchedElastic(torch.autograd.Function):
     """SEQ on rows (G, N) with step α (G,); the math is in the module docstring."""
 
     @staticmethod
-    def forward(ctx, rows, alpha, num_bits, eps, grad_scale):
-        ctx.num_bits, ctx.eps, ctx.grad_scale = num_bits, eps, grad_scale
+    def forward(ctx, rows, alpha, grid, eps, grad_scale):
+        ctx.grid, ctx.eps, ctx.grad_scale = grid, eps, grad_scale
         ctx.save_for_backward(rows, alpha)
         a = _step(alpha, eps)
-        return (seq_levels(_wide(rows) / a, num_bits) * a).to(rows.dtype)
+        return (seq_levels(wide(rows) / a, grid) * a).to(rows.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         rows, alpha = ctx.saved_tensors
-        u = _wide(rows) / _step(alpha, ctx.eps)
+        grid = ctx.grid
+        u = wide(rows) / _step(alpha, ctx.eps)
         inside = u.abs() <= SEQ_CLIP
         grad_x = grad_alpha = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.where(inside, grad, 0.0)
         if ctx.needs_input_grad[1]:
-            k = 2 ** (ctx.num_bits - 1)
-            top = (k - SEQ_SHIFT) / k
-            slope = torch.where(inside, seq_levels(u, ctx.num_bits) - u, torch.sign(u) * top)
-            grad_alpha = (slope * _wide(grad)).sum(dim=1) * ctx.grad_scale
+            top = (grid.n_levels - grid.shift) / grid.n_levels  # ParetoQ's Q_p: the top level
+            slope = torch.where(inside, seq_levels(u, grid) - u, torch.sign(u) * top)
+            grad_alpha = (slope * wide(grad)).sum(dim=1) * ctx.grad_scale
             grad_alpha = grad_alpha.to(alpha.dtype)
         return grad_x, grad_alpha, None, None, None
 
 
 def stretched_elastic(
-    rows: torch.Tensor, alpha: torch.Tensor, num_bits: int, eps: float = 1e-5
+    rows: torch.Tensor, alpha: torch.Tensor, grid: SeqGrid, eps: float = 1e-5
 ) -> torch.Tensor:
-    """ParetoQ's b-bit SEQ of rows (G, N) with learned ``alpha`` (G,), with its STE."""
-    code_bound = 2 ** (num_bits - 1) - 1  # LSQ's Q_p, as ParetoQ's grad_scale uses
-    grad_scale = 1.0 / math.sqrt(max(rows.numel(), 1) * code_bound)
-    return _StretchedElastic.apply(rows, alpha, num_bits, eps, grad_scale)
+    """ParetoQ's SEQ of rows (G, N) with learned ``alpha`` (G,), with its STE."""
+    grad_scale = 1.0 / math.sqrt(max(rows.numel(), 1) * grid.code_bound)
+    return _StretchedElastic.apply(rows, alpha, grid, eps, grad_scale)
+
+
+@torch.no_grad()
+def init_alpha(q: Quantizer, x: torch.Tensor) -> None:
+    """Set ``q.alpha`` to max|W| per scale group (NaN, ±inf ignored), same Parameter object."""
+    mag = q.granularity.rows(x.detach()).abs().nan_to_num(0.0, 0.0, 0.0)
+    q.alpha.data = mag.amax(dim=1).to(q.alpha.dtype)
+
+
+def seq_forward(q: Quantizer, x: torch.Tensor, grid: SeqGrid) -> torch.Tensor:
+    """SEQ of ``x`` with ``q``'s learned per-group ``alpha``, initialised on first use."""
+    rows = q.granularity.rows(x)
+    if q.alpha.numel() == 0:
+        init_alpha(q, x)
+    if q.alpha.shape != (rows.shape[0],):
+        raise ValueError(
+            f"{q.spec.type}: alpha has shape {tuple(q.alpha.shape)} but the input has "
+            f"{rows.shape[0]} scale groups; one quantizer serves one weight shape"
+        )
+    y = stretched_elastic(rows, q.alpha, grid, q.eps)
+    return q.granularity.unrows(y, x.shape)
+
+
+def check_eps(options, where: str) -> None:
+    eps = options["eps"]
+    if not 0 < eps < math.inf:
+        raise RecipeError(f"{where}: eps={eps!r} is invalid; expected a small number > 0")
 
 
 @register_quantizer("seq")
@@ -141,9 +181,7 @@ class SEQQuantizer(Quantizer):
 
     @classmethod
     def check_options(cls, options, where):
-        eps = options["eps"]
-        if not 0 < eps < math.inf:
-            raise RecipeError(f"{where}: eps={eps!r} is invalid; expected a small number > 0")
+        check_eps(options, where)
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
@@ -155,29 +193,13 @@ class SEQQuantizer(Quantizer):
         """Number of distinct levels, 2^b (none of them zero)."""
         return 2**self.bits
 
-    @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
         """Set α to max|W| per group (NaN and ±inf ignored), keeping the Parameter object."""
-        mag = self.granularity.rows(x.detach()).abs().nan_to_num(0.0, 0.0, 0.0)
-        self.alpha.data = mag.amax(dim=1).to(self.alpha.dtype)
+        init_alpha(self, x)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.granularity.rows(x)
-        if self.alpha.numel() == 0:
-            self.init_from(x)
-        if self.alpha.shape != (rows.shape[0],):
-            raise ValueError(
-                f"seq: alpha has shape {tuple(self.alpha.shape)} but the input has "
-                f"{rows.shape[0]} scale groups; one quantizer serves one weight shape"
-            )
-        y = stretched_elastic(rows, self.alpha, self.bits, self.eps)
-        return self.granularity.unrows(y, x.shape)
+        return seq_forward(self, x, SeqGrid.for_bits(self.bits))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A learned α saved after its lazy init: give the still-empty Parameter its shape.
-        saved = state_dict.get(prefix + "alpha")
-        if saved is not None and self.alpha.numel() == 0:
-            self.alpha.data = torch.empty(
-                saved.shape, dtype=self.alpha.dtype, device=self.alpha.device
-            )
+        self._shape_empty_parameter("alpha", state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

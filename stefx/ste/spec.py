@@ -207,8 +207,8 @@ def make_quantizer(spec: Mapping[str, Any] | QuantSpec, where: str = "quantizer 
     >>> q = stefx.make_quantizer({"type": "uniform", "num_bits": 4, "strategy": "channel"})
     >>> q.bits
     4
-    >>> q(torch.tensor([[0.1, -0.7, 0.35]])).tolist()
-    [[0.1, -0.7, 0.3]]
+    >>> q(torch.tensor([[0.1, -0.7, 0.35]]))
+    tensor([[ 0.1000, -0.7000,  0.4000]])
     """
     parsed = parse_spec(spec, where)
     return QUANTIZERS.get(parsed.type)(parsed)

@@ -64,57 +64,40 @@ W itself (no copy) and α.
 
 from __future__ import annotations
 
-import math
 from types import MappingProxyType
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from stefx.errors import RecipeError
 from stefx.ste.base import Quantizer
+from stefx.ste.functions import wide
+from stefx.ste.seq import TERNARY_GRID, check_eps, init_alpha, seq_forward
 from stefx.ste.spec import register_quantizer
 
-__all__ = ["TernaryQuantizer", "absmean_ternary", "seq_ternary", "twn_ternary"]
+__all__ = ["TernaryQuantizer", "absmean_ternary", "twn_ternary"]
 
 TWN_DELTA_FACTOR = 0.7
-SEQ_CLIP = 1.0 - 1e-2
-SEQ_HALF_LEVELS = 1.5  # ParetoQ's n_levels for 1.58 bit: codes round(1.5·u) ∈ {-1, 0, 1}
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """x in the dtype the arithmetic runs in: float32, or float64 for float64 input."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def absmean_ternary(rows: torch.Tensor, eps: float) -> torch.Tensor:
     """BitNet b1.58 forward on rows (G, N): RoundClip(W/(γ+ε), -1, 1)·γ, γ = mean|W|."""
-    wide = _wide(rows)
-    gamma = wide.abs().mean(dim=1, keepdim=True)
-    codes = (wide / (gamma + eps)).round().clamp(-1.0, 1.0) + 0.0  # -0 -> +0
+    w = wide(rows)
+    gamma = w.abs().mean(dim=1, keepdim=True)
+    codes = (w / (gamma + eps)).round().clamp(-1.0, 1.0) + 0.0  # -0 -> +0
     return (codes * gamma).to(rows.dtype)
 
 
 def twn_ternary(rows: torch.Tensor) -> torch.Tensor:
     """TWN forward on rows (G, N): α·sign(W)·1{|W| > Δ}, Δ = 0.7·mean|W|."""
-    wide = _wide(rows)
-    mag = wide.abs()
+    w = wide(rows)
+    mag = w.abs()
     delta = TWN_DELTA_FACTOR * mag.mean(dim=1, keepdim=True)
     keep = mag > delta
     alpha = (mag * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp(min=1)
     # delta·0 is 0 for a finite Δ and NaN for a non-finite one (see the module docstring).
-    y = torch.where(keep, alpha * torch.sign(wide), delta * 0.0)
+    y = torch.where(keep, alpha * torch.sign(w), delta * 0.0)
     return y.to(rows.dtype)
-
-
-def _seq_step(alpha: torch.Tensor, eps: float) -> torch.Tensor:
-    a = _wide(alpha)
-    return torch.where(a > eps, a, eps).unsqueeze(1)
-
-
-def _seq_levels(u: torch.Tensor) -> torch.Tensor:
-    codes = torch.round(u.clamp(-SEQ_CLIP, SEQ_CLIP) * SEQ_HALF_LEVELS) + 0.0  # -0 -> +0
-    return codes / SEQ_HALF_LEVELS
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -127,37 +110,6 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None, None
-
-
-class _StretchedElastic(torch.autograd.Function):
-    """ParetoQ SEQ on rows (G, N) with step α (G,); the math is in the module docstring."""
-
-    @staticmethod
-    def forward(ctx, rows, alpha, eps, grad_scale):
-        ctx.eps, ctx.grad_scale = eps, grad_scale
-        ctx.save_for_backward(rows, alpha)
-        a = _seq_step(alpha, eps)
-        return (_seq_levels(_wide(rows) / a) * a).to(rows.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, alpha = ctx.saved_tensors
-        u = _wide(rows) / _seq_step(alpha, ctx.eps)
-        inside = u.abs() <= SEQ_CLIP
-        grad_x = grad_alpha = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.where(inside, grad, 0.0)
-        if ctx.needs_input_grad[1]:
-            slope = torch.where(inside, _seq_levels(u) - u, torch.sign(u))
-            grad_alpha = (slope * _wide(grad)).sum(dim=1) * ctx.grad_scale
-            grad_alpha = grad_alpha.to(alpha.dtype)
-        return grad_x, grad_alpha, None, None
-
-
-def seq_ternary(rows: torch.Tensor, alpha: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """ParetoQ's ternary SEQ of rows (G, N) with learned step ``alpha`` (G,), with its STE."""
-    grad_scale = 1.0 / math.sqrt(max(rows.numel(), 1))
-    return _StretchedElastic.apply(rows, alpha, eps, grad_scale)
 
 
 @register_quantizer("ternary")
@@ -173,9 +125,7 @@ class TernaryQuantizer(Quantizer):
 
     @classmethod
     def check_options(cls, options, where):
-        eps = options["eps"]
-        if not 0 < eps < math.inf:
-            raise RecipeError(f"{where}: eps={eps!r} is invalid; expected a small number > 0")
+        check_eps(options, where)
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
@@ -183,33 +133,19 @@ class TernaryQuantizer(Quantizer):
         if self.spec.scale == "seq":
             self.alpha = nn.Parameter(torch.empty(0))
 
-    @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
         """``seq``: set α to max|W| per group (NaN and ±inf ignored). Others: nothing."""
-        if self.spec.scale != "seq":
-            return
-        mag = self.granularity.rows(x.detach()).abs().nan_to_num(0.0, 0.0, 0.0)
-        self.alpha.data = mag.amax(dim=1).to(self.alpha.dtype)
+        if self.spec.scale == "seq":
+            init_alpha(self, x)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.scale == "seq":
+            return seq_forward(self, x, TERNARY_GRID)
         rows = self.granularity.rows(x)
-        if self.spec.scale != "seq":
-            y = _StraightThrough.apply(rows, self.spec.scale, self.eps)
-            return self.granularity.unrows(y, x.shape)
-        if self.alpha.numel() == 0:
-            self.init_from(x)
-        if self.alpha.shape != (rows.shape[0],):
-            raise ValueError(
-                f"ternary seq: alpha has shape {tuple(self.alpha.shape)} but the input has "
-                f"{rows.shape[0]} scale groups; one quantizer serves one weight shape"
-            )
-        y = seq_ternary(rows, self.alpha, self.eps)
+        y = _StraightThrough.apply(rows, self.spec.scale, self.eps)
         return self.granularity.unrows(y, x.shape)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A learned α saved after its lazy init: give the still-empty Parameter its shape.
-        saved = state_dict.get(prefix + "alpha")
-        alpha = getattr(self, "alpha", None)
-        if saved is not None and alpha is not None and alpha.numel() == 0:
-            alpha.data = torch.empty(saved.shape, dtype=alpha.dtype, device=alpha.device)
+        if self.spec.scale == "seq":
+            self._shape_empty_parameter("alpha", state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
