@@ -75,7 +75,7 @@ def _build(site: Site, module: nn.Module) -> dict[str, nn.Module]:
             raise RecipeError(f"{where} weights {p} {tuple(param.shape)}: {e}") from None
         with torch.no_grad():
             q.init_from(param.detach())
-        built[f"{p}_quantizer"] = q.to(param.device)
+        built[f"{p}_quantizer"] = q
     if site.is_op_site:
         if site.input_activations is not None:
             for i, _ in enumerate(operand_positions(site.kind, site.operands)):
@@ -95,7 +95,8 @@ def _build(site: Site, module: nn.Module) -> dict[str, nn.Module]:
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
-    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+    """Where the module computes: its first parameter or buffer, own or a child's."""
+    for t in (*module.parameters(), *module.buffers()):
         return t.device
     return None
 
@@ -112,6 +113,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[str]:
                 f"module {site.module!r} is already quantized; call stefx.dequantize(model) first"
             )
         built = _build(site, module)
+        device = _device_of(module)
+        if device is not None:  # activation quantizers hold state too (LSQ step, PACT α)
+            built = {name: q.to(device) for name, q in built.items()}
         if not site.is_op_site:
             # A module has one input and one output: its first site quantizes them.
             for name in ("input_quantizer", "output_quantizer"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -34,15 +36,9 @@ def _inputs(model, example):
     if example is None:
         example = example_inputs_for(model)
     args, kwargs = bind_inputs(model, example)
-    if is_hf_model(model):
-        kwargs.setdefault("use_cache", False) if "use_cache" in _forward_args(model) else None
+    if is_hf_model(model) and "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)
     return args, kwargs
-
-
-def _forward_args(model):
-    import inspect
-
-    return inspect.signature(model.forward).parameters
 
 
 def _first_float(out):
@@ -313,3 +309,23 @@ def test_op_site_numbering_agrees_with_the_run_time_count():
     out = model(x)
     assert fired == ["matmul_1_in0", "matmul_1_in1"]
     assert not torch.equal(out, ref)
+
+
+def test_quantizers_live_where_the_module_computes():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    recipe = {
+        "name": "m",
+        "rules": [
+            {
+                "targets": ["linear"],
+                "weights": {"type": "lsq", "num_bits": 4},
+                "input_activations": {"type": "pact", "num_bits": 4},
+            }
+        ],
+    }
+    stefx.quantize(model, recipe, report=False)
+    quantizers = [m for m in model.modules() if isinstance(m, stefx.Quantizer)]
+    assert len(quantizers) == 4
+    assert all(t.device.type == "meta" for q in quantizers for t in q.parameters())
+    assert all(p.device.type == "meta" for p in model.parameters())
