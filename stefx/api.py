@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from stefx.capture import capture
-from stefx.errors import NoMatchError, StefxError
+from stefx.errors import CaptureError, NoMatchError, StefxError
 from stefx.match import Plan, match
 from stefx.recipe import Recipe, Rule, load_recipe
 from stefx.rewrite import dequantize as _dequantize
@@ -90,7 +90,10 @@ def quantize(
         from stefx.profile import profile  # lazy: report=False never pays for it
 
         print(plan)
-        print(profile(model, example_inputs, plan=plan))
+        try:  # the float analysis graph the plan was matched on: no second capture
+            print(profile(model, example_inputs, plan=plan, capture=plan.capture))
+        except CaptureError as e:  # e.g. a plain model traced without example inputs
+            print(f"no efficiency report: {e}")
     return model
 
 

@@ -84,6 +84,7 @@ class Plan:
     sites: list[Site]
     candidates: list[Candidate]
     unmatched: list[Rule] = field(default_factory=list)
+    capture: Capture | None = None  # the analysis graph the plan was matched on
 
     def rows(self) -> list[dict[str, str]]:
         """One row per site, for printing (``stefx.explain``)."""
@@ -315,4 +316,4 @@ def match(recipe: Recipe, capture: Capture, model: nn.Module) -> Plan:
                 **specs,
             )
         )
-    return Plan(recipe, sites, cands, unmatched)
+    return Plan(recipe, sites, cands, unmatched, capture)

@@ -329,3 +329,19 @@ def test_quantizers_live_where_the_module_computes():
     assert len(quantizers) == 4
     assert all(t.device.type == "meta" for q in quantizers for t in q.parameters())
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_quantize_report_reuses_the_analysis_graph(capsys):
+    model, example = build("residual_cnn")
+    stefx.quantize(model, "w4a8", example)
+    printed = capsys.readouterr().out
+    fresh = stefx.profile(model, example)  # re-captures; must agree with the printed report
+    assert str(fresh).split("totals", 1)[1] in printed
+
+
+def test_quantize_report_without_shapes_says_what_to_pass(capsys):
+    model, _ = build("mlp")
+    stefx.quantize(model, "w4a8")
+    assert "no efficiency report" in capsys.readouterr().out
+    with pytest.raises(stefx.CaptureError, match="pass example_inputs"):
+        stefx.profile(model)

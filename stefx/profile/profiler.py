@@ -28,7 +28,7 @@ from torch import nn
 
 from stefx.capture.graph import Capture, OpNode
 from stefx.capture.kinds import MODULE_WEIGHT_KINDS
-from stefx.errors import StefxError
+from stefx.errors import CaptureError, StefxError
 from stefx.match import module_op_kind, op_sites
 from stefx.profile.costs import Cost, cost_of, dtype_bits
 from stefx.profile.hardware import energy, load_energy_table, load_hardware, roofline_latency
@@ -86,6 +86,12 @@ def profile(
         with _float_view(model):
             capture = capture_model(model, example_inputs)
     cap = capture
+    if cap.ops and all(op.output_shape is None for op in cap.ops):
+        raise CaptureError(
+            f"profile: {type(model).__name__} was captured without tensor shapes, so nothing "
+            "can be counted; pass example_inputs (a tuple of positional arguments or a dict "
+            "of keyword arguments, e.g. (torch.randn(1, 3, 224, 224),))"
+        )
     plan = _resolve_plan(model, cap, recipe, plan)
     device = load_hardware(hardware)
     table = load_energy_table(energy)
