@@ -71,7 +71,7 @@ def _build(site: Site, module: nn.Module) -> dict[str, nn.Module]:
         q = make_quantizer(spec, f"{where} weights")
         try:
             q.granularity.num_groups(param.shape)
-        except ValueError as e:
+        except RecipeError as e:  # say which site and weight it was
             raise RecipeError(f"{where} weights {p} {tuple(param.shape)}: {e}") from None
         with torch.no_grad():
             q.init_from(param.detach())

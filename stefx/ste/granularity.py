@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stefx.errors import RecipeError
+
 __all__ = ["STRATEGIES", "Granularity"]
 
 STRATEGIES = ("tensor", "channel", "group", "token")
@@ -34,7 +36,7 @@ class Granularity:
         default = 0 if self.strategy == "channel" else -1
         axis = default if self.axis is None else self.axis
         if not -ndim <= axis < ndim:
-            raise ValueError(
+            raise RecipeError(
                 f"axis {axis} is out of range for a {ndim}-d tensor (strategy {self.strategy!r})"
             )
         return axis % ndim
@@ -53,7 +55,7 @@ class Granularity:
             return numel // max(shape[-1], 1)
         size = shape[axis]
         if self.group_size is None or size % self.group_size:
-            raise ValueError(
+            raise RecipeError(
                 f"group_size {self.group_size} does not divide dimension {axis} of size {size}; "
                 f"pick a group_size that divides {size}"
             )
