@@ -70,6 +70,13 @@ def quantize(
     dict of keyword arguments (e.g. ``{"input_ids": ids}``); built from the config for
     Hugging Face models when omitted. On any error the model is left exactly as it was.
     """
+    from stefx.rewrite import apply_plan, quantized_modules
+
+    if isinstance(model, nn.Module) and quantized_modules(model):
+        raise StefxError(
+            f"{type(model).__name__} is already quantized by stefx; call "
+            "stefx.dequantize(model) first to apply another recipe"
+        )
     plan = explain(model, recipe, example_inputs, method=method)
     if not plan.sites:
         raise NoMatchError(
@@ -82,8 +89,6 @@ def quantize(
             raise NoMatchError(_no_match_message(rule, plan))
         if plan.recipe.on_no_match == "warn":
             warnings.warn(_no_match_message(rule, plan), stacklevel=2)
-    from stefx.rewrite import apply_plan
-
     apply_plan(model, plan)
     object.__setattr__(model, PLAN_ATTR, plan)
     if report:

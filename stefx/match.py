@@ -106,8 +106,9 @@ class Plan:
 
         head = f"recipe {self.recipe.name!r}: {len(self.sites)} sites"
         lines = [head, tabulate(self.rows(), headers="keys", tablefmt="simple")]
-        for rule in self.unmatched:
-            lines.append(f"{rule.label} matched nothing: targets={list(rule.targets)}")
+        if self.recipe.on_no_match != "ignore":  # presets expect some rules to miss
+            for rule in self.unmatched:
+                lines.append(f"{rule.label} matched nothing: targets={list(rule.targets)}")
         return "\n".join(lines)
 
 
