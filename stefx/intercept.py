@@ -1,11 +1,13 @@
-"""Op interception: quantize the operands of functional ops (matmul, bmm, SDPA...) inside
-one module's own forward, without tracing or replacing that module.
+"""Op interception: quantize the operands of functional ops (matmul, bmm, SDPA...), or the
+result of a pointwise op that ends a recipe pattern (``F.relu``, ``x + y``), inside one
+module's own forward, without tracing or replacing that module.
 
 Hugging Face attention is not fx-traceable and splicing a GraphModule in would cost the
 module its class, so op sites are materialised at run time instead: while the owning
-module runs, a ``TorchFunctionMode`` sees each torch-level call, counts calls per op kind
-(classified by capture's own kind table, so the ordinals are the ones ``stefx.match`` read
-off the analysis graph) and routes the operands
+module runs, a ``TorchFunctionMode`` sees each torch-level call, counts calls per site key
+(``kinds.site_key``: the op kind of a matmul-like call, the call name of a pointwise one,
+so the ordinals are the ones ``stefx.match`` read off the analysis graph) and routes the
+operands
 of the selected calls through their quantizers. Calls made inside child modules are not
 counted: the children's own hooks suspend the count while they run.
 """
@@ -20,16 +22,15 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from stefx.capture.kinds import FUNCTIONAL_KINDS, kind_of_function
+from stefx.capture.kinds import call_name, kind_of_function, site_key
 
 __all__ = ["OpInterceptor", "operand_positions"]
 
 
-@functools.lru_cache(maxsize=512)
-def _kind(func: Any) -> str | None:
-    """Op kind of a torch-level callable, by capture's own table (None: not an op-site kind)."""
-    kind = kind_of_function(func)
-    return kind if kind in FUNCTIONAL_KINDS else None
+@functools.lru_cache(maxsize=1024)
+def _key(func: Any) -> str | None:
+    """Site key of a torch-level callable, by capture's own tables (None: no op site)."""
+    return site_key(kind_of_function(func), call_name(func))
 
 
 def operand_positions(kind: str, n_inputs: int) -> tuple[int, ...]:
@@ -48,20 +49,21 @@ def operand_positions(kind: str, n_inputs: int) -> tuple[int, ...]:
 class OpInterceptor(TorchFunctionMode):
     """Routes the operands and result of selected op calls through quantizers.
 
-    ``table`` maps (kind, ordinal) -> (list of operand quantizers or None, output quantizer
-    or None).
+    ``table`` maps (site key, ordinal) -> (list of operand quantizers or None, output
+    quantizer or None). Only calls whose key is in the table are counted.
     """
 
     def __init__(self, table: dict[tuple[str, int], tuple[list, nn.Module | None]]) -> None:
         super().__init__()
         self.table = table
         self.counts: Counter[str] = Counter()
+        self.keys = frozenset(key for key, _ in table)
         self.suspended = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        kind = None if self.suspended else _kind(func)
-        if kind is None:
+        kind = None if self.suspended else _key(func)
+        if kind not in self.keys:
             return func(*args, **kwargs)
         ordinal = self.counts[kind]
         self.counts[kind] += 1

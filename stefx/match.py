@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from stefx.capture.graph import Capture, OpNode
-from stefx.capture.kinds import FUNCTIONAL_KINDS, MATMUL_KINDS, MODULE_WEIGHT_KINDS
+from stefx.capture.kinds import FUNCTIONAL_KINDS, MATMUL_KINDS, MODULE_WEIGHT_KINDS, site_key
+from stefx.errors import RecipeError
 from stefx.pattern import find_chains
 from stefx.recipe import FIELDS, FLOAT, Recipe, Rule
 from stefx.ste.spec import QuantSpec
@@ -70,6 +71,7 @@ class Site:
     rules: tuple[int, ...]
     operands: int = 0  # op sites: number of tensor inputs of the op
     expert_in_axis: dict[str, int] = field(default_factory=dict)  # experts: param -> in axis
+    fold_bn: str = ""  # FQN of the BatchNorm folded into the weights while training (QAT)
 
     @property
     def is_op_site(self) -> bool:
@@ -161,25 +163,38 @@ def _expert_in_axis(op: OpNode, weight_shape: tuple[int, ...]) -> int:
     return 2
 
 
+def op_key(op: OpNode) -> str | None:
+    """What an op's site ordinal counts (``kinds.site_key``): its kind for matmul-like ops,
+    its call name for pointwise ops on tensors; None for ops that carry no op site.
+    Arithmetic on sizes (``x.size(-1) // 2``) is traced but runs as plain Python, so it
+    is not counted."""
+    if op.kind == "elementwise" and not any(s is not None for s in op.input_shapes):
+        return None
+    return site_key(op.kind, op.call)
+
+
 def functional_ordinals(ops: list[OpNode]) -> dict[int, int]:
-    """id(op) -> its index among the calls of its kind in its module, for every functional
-    op, weight-reading or not: the run-time interceptor sees them all, so the numbering of
-    op sites (``<module>.<kind>_<n>``) must count them all too."""
+    """id(op) -> its index among the calls with its site key in its module, for every op
+    that can carry an op site, weight-reading or not: the run-time interceptor sees them
+    all, so the numbering of op sites (``<module>.<key>_<n>``) must count them all too."""
     counts: Counter[tuple[str, str]] = Counter()
     out = {}
     for op in ops:
-        if op.kind in FUNCTIONAL_KINDS:
-            out[id(op)] = counts[(op.module, op.kind)]
-            counts[(op.module, op.kind)] += 1
+        key = op_key(op)
+        if key is not None:
+            out[id(op)] = counts[(op.module, key)]
+            counts[(op.module, key)] += 1
     return out
 
 
 def op_site_name(op: OpNode, ordinal: int) -> str:
-    return f"{op.module}.{op.kind}_{ordinal}" if op.module else f"{op.kind}_{ordinal}"
+    key = op_key(op)
+    return f"{op.module}.{key}_{ordinal}" if op.module else f"{key}_{ordinal}"
 
 
 def op_sites(ops: list[OpNode]) -> dict[str, OpNode]:
-    """Op-site name -> op for every weightless functional op, named as ``match`` names them."""
+    """Op-site name -> op for every weightless op that can carry an op site, named as
+    ``match`` names them."""
     ordinals = functional_ordinals(ops)
     return {
         op_site_name(op, ordinals[id(op)]): op for op in ops if id(op) in ordinals and not op.params
@@ -226,7 +241,7 @@ def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
                     params=tuple(dict.fromkeys((*old.params, *weights))),
                     expert_in_axis={**old.expert_in_axis, **axes},
                 )
-        elif ordinal is not None and not op.params:
+        elif ordinal is not None and not op.params and op.kind in FUNCTIONAL_KINDS:
             name = op_site_name(op, ordinal)
             out.append(Candidate(name, op.kind, op.module, _type_names(module), (), ordinal, op))
     return out
@@ -258,17 +273,32 @@ def _within(scope: str, cand: Candidate) -> bool:
     return False
 
 
-def _rule_selection(rule: Rule, cands: list[Candidate], capture: Capture) -> list[Candidate]:
+Chains = list[list[OpNode]]
+
+
+def _rule_selection(
+    rule: Rule, cands: list[Candidate], capture: Capture
+) -> list[tuple[Candidate, Chains]]:
+    """The candidates a rule selects, each with the pattern chains it heads (none for a
+    rule without a pattern)."""
     if rule.pattern:
-        heads = {id(chain[0]) for chain in find_chains(rule.pattern, capture)}
-        chosen = [c for c in cands if c.op is not None and id(c.op) in heads]
+        by_head: dict[object, Chains] = {}
+        for chain in find_chains(rule.pattern, capture):
+            head = chain[0]
+            key = (head.module, module_op_kind(head)) if head.params else id(head)
+            by_head.setdefault(key, []).append(chain)
+        chosen = []
+        for c in cands:
+            chains = by_head.get((c.module, c.kind) if c.params else id(c.op))
+            if chains:
+                chosen.append((c, chains))
         if rule.targets:
-            chosen = [c for c in chosen if any(selects(t, c) for t in rule.targets)]
+            chosen = [(c, ch) for c, ch in chosen if any(selects(t, c) for t in rule.targets)]
     else:
-        chosen = [c for c in cands if any(selects(t, c) for t in rule.targets)]
-    chosen = [c for c in chosen if not any(selects(t, c) for t in rule.ignore)]
+        chosen = [(c, []) for c in cands if any(selects(t, c) for t in rule.targets)]
+    chosen = [(c, ch) for c, ch in chosen if not any(selects(t, c) for t in rule.ignore)]
     if rule.within is not None:
-        chosen = [c for c in chosen if _within(rule.within, c)]
+        chosen = [(c, ch) for c, ch in chosen if _within(rule.within, c)]
     if rule.position == "first":
         chosen = chosen[:1]
     elif rule.position == "last":
@@ -276,24 +306,135 @@ def _rule_selection(rule: Rule, cands: list[Candidate], capture: Capture) -> lis
     return chosen
 
 
+def _decide(decided: dict, name: str, rule: Rule, fields: tuple[str, ...]) -> dict:
+    entry = decided.setdefault(name, {"rules": []})
+    if rule.index not in entry["rules"]:
+        entry["rules"].append(rule.index)
+    for f in fields:
+        value = getattr(rule, f)
+        if value is not None:
+            entry[f] = value
+    return entry
+
+
+def _bn_to_fold(rule: Rule, cand: Candidate, chains: Chains, modules: dict) -> str:
+    """FQN of the BatchNorm a ``fold_bn`` rule folds into ``cand``'s weights."""
+    where = f"{rule.label}: fold_bn"
+    if cand.kind not in ("linear", "conv", "conv_transpose"):
+        raise RecipeError(
+            f"{where}: {cand.name!r} is a {cand.kind}; only linear, conv and conv_transpose "
+            "weights can absorb a BatchNorm. Remove fold_bn from this rule"
+        )
+    names = sorted({chain[1].module for chain in chains})
+    if len(names) != 1:
+        raise RecipeError(
+            f"{where}: {cand.name!r} feeds {len(names)} BatchNorms ({names}) on different "
+            "calls; folding needs exactly one. Remove fold_bn from this rule"
+        )
+    bn = modules.get(names[0])
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise RecipeError(
+            f"{where}: the op after {cand.name!r} is {chains[0][1].target} in module "
+            f"{names[0]!r}, not a BatchNorm module; folding needs an nn.BatchNorm1d/2d/3d "
+            "(a functional batch_norm has no module to read statistics from)"
+        )
+    if bn.running_var is None:
+        raise RecipeError(
+            f"{where}: BatchNorm {names[0]!r} has track_running_stats=False, so there are no "
+            "running statistics to fold; build it with track_running_stats=True or remove fold_bn"
+        )
+    return names[0]
+
+
+def _module_calls(ops: list[OpNode]) -> tuple[Counter[str], set[int]]:
+    """How many separate calls each module's ops form, and id() of each call's last op."""
+    calls: Counter[str] = Counter()
+    ends: set[int] = set()
+    prev: OpNode | None = None
+    for op in ops:
+        if op.attrs.get("inside_opaque"):
+            continue
+        if prev is None or op.module != prev.module:
+            calls[op.module] += 1
+            if prev is not None:
+                ends.add(id(prev))
+        prev = op
+    if prev is not None:
+        ends.add(id(prev))
+    return calls, ends
+
+
+def _tail_sites(
+    rule: Rule, tails: list[OpNode], capture: Capture, modules: dict, by_name: dict
+) -> list[Candidate]:
+    """Where the output quantizer of each pattern chain goes: the output of the leaf module
+    the chain ends in, or an op site on the pointwise / matmul call that ends it."""
+    calls, ends = _module_calls(capture.ops)
+    ordinals = functional_ordinals(capture.ops)
+    out: dict[str, Candidate] = {}
+    per_module: Counter[str] = Counter()
+    for tail in {id(t): t for t in tails}.values():
+        module = modules.get(tail.module)
+        leaf = tail.module and module is not None and next(module.children(), None) is None
+        if leaf and id(tail) in ends:
+            per_module[tail.module] += 1
+            cand = by_name.get(tail.module) or Candidate(
+                tail.module, tail.kind, tail.module, _type_names(module), op=tail
+            )
+        elif id(tail) in ordinals and not tail.params:
+            name = op_site_name(tail, ordinals[id(tail)])
+            cand = by_name.get(name) or Candidate(
+                name, op_key(tail), tail.module, _type_names(module), (), ordinals[id(tail)], tail
+            )
+        else:
+            raise RecipeError(
+                f"{rule.label}: output_activations of pattern {list(rule.pattern)}: the chain "
+                f"ends at {tail.target} inside {tail.module or 'the model'!r}, which is neither "
+                "a module's output nor a pointwise or matmul call stefx can hook; end the "
+                "pattern at another op, or drop output_activations from this rule"
+            )
+        out.setdefault(cand.name, cand)
+    for fqn, n in per_module.items():
+        if calls[fqn] > n:
+            raise RecipeError(
+                f"{rule.label}: output_activations of pattern {list(rule.pattern)}: the chain "
+                f"ends at module {fqn!r}, which the model calls {calls[fqn]} times, but only "
+                f"{n} of those calls end the pattern; a quantizer on its output would apply "
+                "to every call. Give each call its own module (e.g. separate nn.ReLU "
+                f"instances), or use targets: [{fqn}] if every call should be quantized"
+            )
+    return list(out.values())
+
+
 def match(recipe: Recipe, capture: Capture, model: nn.Module) -> Plan:
-    """Apply the recipe's rules to the captured model; later rules override per field."""
+    """Apply the recipe's rules to the captured model; later rules override per field.
+
+    A pattern rule of several ops puts ``weights`` and ``input_activations`` on the
+    chain's first op, ``output_activations`` on its last, and with ``fold_bn`` folds
+    the BatchNorm that follows the first op into its quantized weights."""
     cands = candidates(capture, model)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    by_name = {c.name: c for c in cands}
     decided: dict[str, dict[str, object]] = {}
     unmatched: list[Rule] = []
     for rule in recipe.rules:
         chosen = _rule_selection(rule, cands, capture)
         if not chosen:
             unmatched.append(rule)
-        for cand in chosen:
-            entry = decided.setdefault(cand.name, {"rules": []})
-            entry["rules"].append(rule.index)
-            for f in FIELDS:
-                value = getattr(rule, f)
-                if value is not None:
-                    entry[f] = value
+        multi = len(rule.pattern) > 1
+        tails = []
+        for cand, chains in chosen:
+            entry = _decide(decided, cand.name, rule, FIELDS[:2] if multi else FIELDS)
+            if multi and rule.fold_bn:
+                entry["fold_bn"] = _bn_to_fold(rule, cand, chains, modules)
+            if multi and rule.output_activations is not None:
+                tails.extend(chain[-1] for chain in chains)
+        for cand in _tail_sites(rule, tails, capture, modules, by_name) if tails else ():
+            by_name.setdefault(cand.name, cand)
+            _decide(decided, cand.name, rule, ("output_activations",))
+    order = {id(op): i for i, op in enumerate(capture.ops)}
     sites = []
-    for cand in cands:
+    for cand in sorted(by_name.values(), key=lambda c: order.get(id(c.op), len(order))):
         entry = decided.get(cand.name)
         if entry is None:
             continue
@@ -314,6 +455,7 @@ def match(recipe: Recipe, capture: Capture, model: nn.Module) -> Plan:
                 rules=tuple(entry["rules"]),
                 expert_in_axis=cand.expert_in_axis,
                 operands=sum(s is not None for s in cand.op.input_shapes) if cand.op else 0,
+                fold_bn=str(entry.get("fold_bn", "")) if specs["weights"] is not None else "",
                 **specs,
             )
         )

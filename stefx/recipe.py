@@ -12,7 +12,9 @@ A recipe is a preset name (``recipes/<name>.yaml``), a YAML or TOML path, a dict
         ignore: [lm_head]         # same vocabulary; removes sites from this rule
         within: "re:.*self_attn"  # only sites inside modules whose name matches
         position: first           # first | last: keep the first/last site in run order
-        pattern: [conv, batch_norm, relu]   # a chain of ops, matched on the graph
+        pattern: [conv, batch_norm, relu]   # a chain of ops, matched on the graph:
+                                  # weights/inputs go to its first op, outputs to its last
+        fold_bn: true             # fold the BatchNorm after the first op into its weights
         weights: {type: lsq, num_bits: 4, strategy: channel}
         input_activations: {type: uniform, num_bits: 8, strategy: token}
         output_activations: false # false: keep this tensor in float
@@ -238,17 +240,13 @@ def _rule_from_dict(data: Any, index: int, where_recipe: str) -> Rule:
     fold_bn = data.get("fold_bn", False)
     if not isinstance(fold_bn, bool):
         raise RecipeError(f"{where}: fold_bn={fold_bn!r} is invalid; expected true or false")
-    if fold_bn:
-        raise RecipeError(
-            f"{where}: fold_bn=true is not supported yet (BatchNorm folding for QAT is planned); "
-            "remove it to quantize the conv with BatchNorm kept as a separate op"
-        )
-    if len(pattern) > 1 and data.get("output_activations") not in (None, False):
-        raise RecipeError(
-            f"{where}: output_activations on a multi-op pattern is not supported yet; put it "
-            "on a rule that targets the pattern's last module instead"
-        )
     fields = {f: _field(data.get(f), f"{where} {f}") for f in FIELDS}
+    if fold_bn and (len(pattern) < 2 or not isinstance(fields["weights"], QuantSpec)):
+        raise RecipeError(
+            f"{where}: fold_bn=true folds the BatchNorm that follows a weighted op into the "
+            "quantized weights, so it needs a pattern whose second op is the BatchNorm and "
+            "a weights spec, e.g. pattern: [conv, batch_norm, relu] with weights: {...}"
+        )
     if all(v is None for v in fields.values()):
         raise RecipeError(
             f"{where}: sets none of {', '.join(FIELDS)}; add e.g. "

@@ -10,9 +10,14 @@ its methods and every state-dict key; quantizer state is added beside the weight
   once per call however often ``forward`` reads it);
 - ``input_activations`` / ``output_activations`` become ``m.input_quantizer`` /
   ``m.output_quantizer`` applied by the same hooks;
-- op sites (functional matmul, bmm, SDPA... in ``m``'s own forward) go to
-  ``m.op_quantizers`` and an :class:`~stefx.intercept.OpInterceptor` active while ``m``
-  runs.
+- op sites (functional matmul, bmm, SDPA... in ``m``'s own forward, or the pointwise
+  call that ends a pattern) go to ``m.op_quantizers`` and an
+  :class:`~stefx.intercept.OpInterceptor` active while ``m`` runs;
+- a weight with a BatchNorm folded in (``fold_bn``) is quantized as the deployed, folded
+  weight ``w·γ/σ`` and scaled back, ``q(w·γ/σ)·σ/γ``, so the BatchNorm that follows (kept,
+  with its statistics) sees what it would see unfolded (Jacob et al., arXiv:1712.05877 §3.2;
+  Krishnamoorthi, arXiv:1806.08342 §2.9). In eval mode conv + BatchNorm then computes
+  exactly ``conv(x, q(w·γ/σ)) + b'``, the folded layer a converter will emit.
 
 Everything is built and checked before anything is attached, so a failure leaves the
 model untouched. The hooks are module-level functions (the model stays picklable).
@@ -33,7 +38,14 @@ from stefx.match import Plan, Site
 from stefx.ste.base import Quantizer
 from stefx.ste.spec import QuantSpec, make_quantizer
 
-__all__ = ["STATE_ATTR", "apply_plan", "dequantize", "quantized_modules"]
+__all__ = [
+    "STATE_ATTR",
+    "apply_plan",
+    "dequantize",
+    "fold_scale",
+    "quantized_modules",
+    "weight_spec",
+]
 
 STATE_ATTR = "_stefx_state"
 
@@ -51,30 +63,76 @@ class _ModuleState:
     added: list[str] = field(default_factory=list)
     latent: dict[str, nn.Parameter] = field(default_factory=dict)
     interceptor: OpInterceptor | None = None
+    fold: dict[str, tuple[nn.Module, int]] = field(default_factory=dict)  # param -> (bn, axis)
 
 
-def _weight_spec(spec: QuantSpec, param: torch.Tensor, in_axis: int | None) -> QuantSpec:
-    """Fused expert weights [E, ., .]: 'channel' means one scale per (expert, output row),
-    i.e. groups that span the whole input axis."""
-    if in_axis is not None and spec.strategy == "channel" and spec.axis is None:
-        return spec.replace(strategy="group", axis=in_axis, group_size=param.shape[in_axis])
+def weight_spec(
+    spec: QuantSpec, shape: tuple[int, ...], kind: str, in_axis: int | None
+) -> QuantSpec:
+    """The spec a weight quantizer of a ``kind`` op really gets: ``channel`` means one scale
+    per output channel, which is axis 1 of a ConvTranspose weight [in, out, *k], and one
+    scale per (expert, output row) of a fused expert weight [E, ., .], i.e. groups that
+    span its whole input axis."""
+    if spec.strategy != "channel" or spec.axis is not None:
+        return spec
+    if in_axis is not None:
+        return spec.replace(strategy="group", axis=in_axis, group_size=shape[in_axis])
+    if kind == "conv_transpose":
+        return spec.replace(axis=1)
     return spec
 
 
-def _build(site: Site, module: nn.Module) -> dict[str, nn.Module]:
+def fold_axis(module: nn.Module, bn: nn.Module, where: str) -> int:
+    """The output-channel axis of ``module.weight`` that ``bn``'s statistics scale."""
+    axis = 0
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        if module.groups != 1:
+            raise RecipeError(
+                f"{where}: fold_bn on a grouped ConvTranspose (groups={module.groups}) is not "
+                "supported: its output channels are not one weight axis; remove fold_bn"
+            )
+        axis = 1  # weight [in, out, *k]
+    elif type(module).__name__ == "Conv1D":
+        axis = 1  # Hugging Face Conv1D: weight [in, out]
+    n = module.weight.shape[axis]
+    if n != bn.num_features:
+        raise RecipeError(
+            f"{where}: fold_bn: the weight has {n} output channels but the BatchNorm has "
+            f"{bn.num_features} features; only a BatchNorm over this op's outputs can fold"
+        )
+    return axis
+
+
+def fold_scale(bn: nn.Module, axis: int, weight: torch.Tensor) -> torch.Tensor:
+    """γ/√(σ²+ε) per output channel, shaped to broadcast along ``weight``'s ``axis``.
+
+    A channel with γ = 0 keeps scale 1: its BatchNorm output is β whatever the weight.
+    """
+    std = torch.sqrt(bn.running_var.to(weight.dtype) + bn.eps)
+    s = bn.weight.to(weight.dtype) / std if bn.weight is not None else std.reciprocal()
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return s.reshape(shape)
+
+
+def _build(site: Site, module: nn.Module, bn: nn.Module | None = None) -> dict[str, nn.Module]:
     """The quantizer submodules a site needs, initialised; raises before anything mutates."""
     built: dict[str, nn.Module] = {}
     where = f"site {site.name!r} (rule {','.join(map(str, site.rules))})"
     for p in site.params:
         param = getattr(module, p)
-        spec = _weight_spec(site.weights, param, site.expert_in_axis.get(p))
+        spec = weight_spec(site.weights, param.shape, site.kind, site.expert_in_axis.get(p))
         q = make_quantizer(spec, f"{where} weights")
         try:
             q.granularity.num_groups(param.shape)
         except RecipeError as e:  # say which site and weight it was
             raise RecipeError(f"{where} weights {p} {tuple(param.shape)}: {e}") from None
         with torch.no_grad():
-            q.init_from(param.detach())
+            w = param.detach()
+            if bn is not None and p == "weight":
+                w = w * fold_scale(bn, fold_axis(module, bn, where), w)
+            q.init_from(w)
         built[f"{p}_quantizer"] = q
     if site.is_op_site:
         if site.input_activations is not None:
@@ -104,7 +162,7 @@ def _device_of(module: nn.Module) -> torch.device | None:
 def apply_plan(model: nn.Module, plan: Plan) -> list[str]:
     """Attach every site of ``plan`` to ``model``; return the names of modules touched."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    staged: list[tuple[Site, nn.Module, dict[str, nn.Module]]] = []
+    staged: list[tuple[Site, nn.Module, dict[str, nn.Module], nn.Module | None]] = []
     io_taken: set[tuple[str, str]] = set()
     for site in plan.sites:
         module = modules[site.module]
@@ -112,7 +170,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[str]:
             raise RecipeError(
                 f"module {site.module!r} is already quantized; call stefx.dequantize(model) first"
             )
-        built = _build(site, module)
+        bn = modules[site.fold_bn] if site.fold_bn and "weight" in site.params else None
+        built = _build(site, module, bn)
         device = _device_of(module)
         if device is not None:  # activation quantizers hold state too (LSQ step, PACT α)
             built = {name: q.to(device) for name, q in built.items()}
@@ -125,10 +184,12 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[str]:
             taken = [n for n in built if n.endswith("_quantizer") and hasattr(module, n)]
             if taken:
                 raise RecipeError(f"module {site.module!r} already has attributes {taken}")
-        staged.append((site, module, built))
+        staged.append((site, module, built, bn))
     touched: list[str] = []
-    for site, module, built in staged:  # nothing below can fail on valid input
+    for site, module, built, bn in staged:  # nothing below can fail on valid input
         _attach(site, module, built)
+        if bn is not None:
+            getattr(module, STATE_ATTR).fold["weight"] = (bn, fold_axis(module, bn, site.name))
         if site.module not in touched:
             touched.append(site.module)
     return touched
@@ -185,7 +246,13 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     for p in state.params:
         latent = module._parameters[p]
         state.latent[p] = latent
-        module._parameters[p] = getattr(module, f"{p}_quantizer")(latent)
+        q = getattr(module, f"{p}_quantizer")
+        fold = state.fold.get(p)
+        if fold is not None and q.enabled and q.strength:
+            s = fold_scale(*fold, latent)
+            module._parameters[p] = q(latent * s) / s
+        else:
+            module._parameters[p] = q(latent)
     if state.has_input:
         args, kwargs = _quantize_first_input(module.input_quantizer, args, kwargs)
     if state.op_table:

@@ -135,26 +135,19 @@ def test_the_users_dict_is_not_mutated():
     assert data == BASE
 
 
-def test_unsupported_options_are_refused_not_ignored():
-    with pytest.raises(RecipeError, match="fold_bn=true is not supported yet"):
-        load_recipe(
-            {
-                "name": "t",
-                "rules": [
-                    {
-                        "pattern": ["conv", "batch_norm"],
-                        "fold_bn": True,
-                        "weights": {"type": "uniform"},
-                    },
-                ],
-            }
-        )
-    with pytest.raises(RecipeError, match="output_activations on a multi-op pattern"):
-        load_recipe(
-            {
-                "name": "t",
-                "rules": [
-                    {"pattern": ["conv", "relu"], "output_activations": {"type": "uniform"}},
-                ],
-            }
-        )
+def test_fold_bn_needs_a_bn_pattern_and_weights():
+    rule = {"pattern": ["conv", "batch_norm"], "fold_bn": True, "weights": {"type": "uniform"}}
+    assert load_recipe({"name": "t", "rules": [rule]}).rules[0].fold_bn is True
+    for bad in (
+        {**rule, "pattern": ["conv"]},  # nothing after the conv to fold
+        {
+            "pattern": ["conv", "batch_norm"],
+            "fold_bn": True,
+            "input_activations": {"type": "uniform"},
+        },
+        {**rule, "weights": False},
+    ):
+        with pytest.raises(RecipeError, match=r"rule 0: fold_bn=true .* needs a pattern"):
+            load_recipe({"name": "t", "rules": [bad]})
+    with pytest.raises(RecipeError, match="fold_bn='yes' is invalid"):
+        load_recipe({"name": "t", "rules": [{**rule, "fold_bn": "yes"}]})

@@ -53,6 +53,8 @@ class OpNode:
                   for an opaque leaf: {"inside_opaque": "<leaf fqn>"}.
     buffers:      role -> buffer FQN for buffers the op reads (running_mean, inv_freq).
     param_shapes: role -> shape of each parameter in ``params``.
+    call:         the call's name as ``kinds.call_name`` spells it ("relu", "add",
+                  "matmul"); "" for a leaf module call. Op-site ordinals count it.
     """
 
     name: str
@@ -68,6 +70,7 @@ class OpNode:
     attrs: dict[str, Any] = field(default_factory=dict)
     buffers: dict[str, str] = field(default_factory=dict)
     param_shapes: dict[str, Shape] = field(default_factory=dict)
+    call: str = ""
 
 
 @dataclass

@@ -23,8 +23,10 @@ __all__ = [
     "SKIPPED",
     "WEIGHT_KINDS",
     "base_name",
+    "call_name",
     "kind_of_function",
     "kind_of_module",
+    "site_key",
     "target_name",
 ]
 
@@ -246,7 +248,7 @@ def base_name(target: Any) -> str:
 def kind_of_function(target: Any, args: tuple[Any, ...] = ()) -> str:
     """The kind of a call_function / call_method target (``"other"`` when unknown)."""
     name = base_name(target)
-    kind = _KIND_BY_NAME.get(name, "other")
+    kind = _KIND_BY_NAME.get(name) or _KIND_BY_NAME.get(call_name(target), "other")
     if name in ("convolution", "_convolution") and len(args) > 6 and args[6] is True:
         kind = "conv_transpose"  # aten.convolution(input, weight, bias, ..., transposed, ...)
     return kind
@@ -264,3 +266,44 @@ def kind_of_module(module: nn.Module) -> str:
     if type(module).__name__ == "Conv1D":  # transformers' GPT-2 Conv1D is a linear layer
         return "addmm"
     return "other"
+
+
+# Spellings of one pointwise call that differ between an fx graph and the run time:
+# ``x + y`` is ``operator.add`` when traced, ``Tensor.__add__`` when run, and ``x += y``
+# is ``operator.iadd``, ``Tensor.__iadd__`` or ``aten.add_``.
+_CALL_ALIASES = {
+    "radd": "add",
+    "iadd": "add",
+    "rmul": "mul",
+    "imul": "mul",
+    "truediv": "div",
+    "rtruediv": "div",
+    "itruediv": "div",
+    "isub": "sub",
+}
+
+
+def call_name(target: Any) -> str:
+    """The name a call is counted under, the same for a graph node and a run-time call.
+
+    >>> call_name(operator.add), call_name(torch.Tensor.__radd__), call_name(torch.relu_)
+    ('add', 'add', 'relu')
+    """
+    name = base_name(target)
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+    name = _CALL_ALIASES.get(name, name)
+    if name.endswith("_") and name[:-1] in _KIND_BY_NAME:
+        name = name[:-1]
+    return name
+
+
+def site_key(kind: str, call: str) -> str | None:
+    """What op sites of this call are counted under inside one module's forward: the
+    kind for matmul-like ops (``matmul_0``), the call name for pointwise ops (``relu_1``);
+    None for ops that cannot carry an op site."""
+    if kind in FUNCTIONAL_KINDS:
+        return kind
+    if kind == "elementwise" and call:
+        return call
+    return None

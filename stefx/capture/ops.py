@@ -25,6 +25,7 @@ from stefx.capture.kinds import (
     SKIPPED,
     WEIGHT_KINDS,
     base_name,
+    call_name,
     kind_of_function,
     kind_of_module,
     target_name,
@@ -137,6 +138,7 @@ def normalise(node: fx.Node, view: ModelView) -> OpNode:
         attrs=attrs,
         buffers=buffers,
         param_shapes=_param_shapes(params, view),
+        call="" if node.op == "call_module" else call_name(node.target),
     )
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from stefx.capture.graph import Capture, OpNode
-from stefx.capture.kinds import MODULE_WEIGHT_KINDS
+from stefx.capture.kinds import FUNCTIONAL_KINDS, MODULE_WEIGHT_KINDS
 from stefx.errors import CaptureError, StefxError
 from stefx.match import module_op_kind, op_sites
 from stefx.profile.costs import Cost, cost_of, dtype_bits
@@ -49,6 +49,7 @@ class OpBits:
     scale_groups: int = 0
     scale_overhead_bits: int | None = None
     quantized_params: frozenset[str] = frozenset()  # FQNs of weights at w_bits
+    folded_into: str = ""  # a BatchNorm folded into this site's weights (fold_bn)
 
 
 def profile(
@@ -104,16 +105,19 @@ def profile(
         fb = dtype_bits(op.dtype) if op.dtype else 32
         after_bits = bits.get(id(op), OpBits())
         before = cost_of(op, float_bits=fb, causal_halving=causal_halving)
-        after = cost_of(
-            op,
-            after_bits.w_bits,
-            after_bits.a_bits,
-            out_bits=after_bits.out_bits,
-            float_bits=fb,
-            causal_halving=causal_halving,
-            scale_groups=after_bits.scale_groups,
-            scale_overhead_bits=after_bits.scale_overhead_bits,
-        )
+        if after_bits.folded_into:
+            after = _folded(op, fb, after_bits.folded_into)
+        else:
+            after = cost_of(
+                op,
+                after_bits.w_bits,
+                after_bits.a_bits,
+                out_bits=after_bits.out_bits,
+                float_bits=fb,
+                causal_halving=causal_halving,
+                scale_groups=after_bits.scale_groups,
+                scale_overhead_bits=after_bits.scale_overhead_bits,
+            )
         node = nodes.get(id(op))
         if node is not None:
             node.meta["stefx.cost"] = {"before": before, "after": after}
@@ -223,6 +227,17 @@ def _resolve_plan(model: nn.Module, cap: Capture, recipe: Any, plan: Any) -> Any
     return model.__dict__.get("_stefx_plan")
 
 
+def _folded(op: OpNode, float_bits: int, into: str) -> Cost:
+    """A BatchNorm folded into the weights before it: at deployment nothing runs; what is
+    left is one bias per channel, stored in float beside the folded weights."""
+    channels = op.output_shape[1] if op.output_shape and len(op.output_shape) > 1 else 0
+    return Cost(
+        params=channels,
+        param_bytes=channels * float_bits / 8,
+        note=f"folded into {into} (a per-channel bias remains)",
+    )
+
+
 def _estimate(cost: Cost, device, table, w_bits, a_bits, float_bits: int) -> tuple:
     """(latency_s, bound, energy_j) of one op: roofline on ``device``, energy from ``table``."""
     latency, bound = roofline_latency(cost, device, w_bits, a_bits, float_bits=float_bits)
@@ -241,15 +256,14 @@ def _local(fqn: str, module: str) -> str:
     return fqn[len(module) + 1 :] if module and fqn.startswith(module + ".") else fqn
 
 
-def _scale_groups(spec, shape: tuple[int, ...], in_axis: int | None) -> int:
+def _scale_groups(site, shape: tuple[int, ...], in_axis: int | None) -> int:
     """Scale groups of a weight quantizer on ``shape``, as stefx.rewrite builds it."""
+    from stefx.rewrite import weight_spec
     from stefx.ste.granularity import Granularity
 
-    strategy, axis, group_size = spec.strategy, spec.axis, spec.group_size
-    if in_axis is not None and strategy == "channel" and axis is None:
-        strategy, axis, group_size = "group", in_axis, shape[in_axis]  # fused experts
+    spec = weight_spec(site.weights, shape, site.kind, in_axis)
     try:
-        return Granularity(strategy, axis, group_size).num_groups(shape)
+        return Granularity(spec.strategy, spec.axis, spec.group_size).num_groups(shape)
     except ValueError:
         return 1
 
@@ -259,6 +273,7 @@ def plan_bits(plan: Any, ops: list[OpNode], model: nn.Module) -> dict[int, OpBit
     out: dict[int, OpBits] = {}
     named_op_sites = op_sites(ops)
     by_module: dict[tuple[str, str], Any] = {}
+    folded: dict[str, str] = {}  # BatchNorm FQN -> the site its statistics fold into
     for site in plan.sites:
         if site.is_op_site:
             op = named_op_sites.get(site.name)
@@ -270,7 +285,12 @@ def plan_bits(plan: Any, ops: list[OpNode], model: nn.Module) -> dict[int, OpBit
                 out[id(op)] = OpBits(out_bits=_bits(site.output_activations))
         else:
             by_module[(site.module, site.kind)] = site
+            if site.fold_bn:
+                folded[site.fold_bn] = site.name
     for op in ops:
+        if op.kind == "norm" and op.module in folded:
+            out[id(op)] = OpBits(folded_into=folded[op.module])
+            continue
         site = by_module.get((op.module, module_op_kind(op)))
         if site is None or op.kind not in MODULE_WEIGHT_KINDS or not op.params:
             continue
@@ -281,7 +301,7 @@ def plan_bits(plan: Any, ops: list[OpNode], model: nn.Module) -> dict[int, OpBit
                     shape = tuple(op.param_shapes[role])
                     quantized.add(fqn)
                     axis = site.expert_in_axis.get(_local(fqn, op.module))
-                    groups += _scale_groups(site.weights, shape, axis)
+                    groups += _scale_groups(site, shape, axis)
         w_bits = site.weights.num_bits if quantized else None
         overhead = None
         if quantized and not site.weights.symmetric:  # a zero point per group, at w_bits
@@ -314,7 +334,7 @@ def row_names(ops: list[OpNode], model: nn.Module) -> dict[int, str]:
     out = {}
     for op in ops:
         inner = op.attrs.get("inside_opaque")
-        if id(op) in sites and op.module in has_children:
+        if id(op) in sites and op.kind in FUNCTIONAL_KINDS and op.module in has_children:
             out[id(op)] = sites[id(op)]
         else:
             out[id(op)] = op.module if not inner or op.module else str(inner)
