@@ -32,8 +32,12 @@ format: $(STAMP)
 	$(BIN)/ruff format stefx tests benchmarks
 	$(BIN)/ruff check --fix stefx tests benchmarks
 
+# Benchmarks, with the other counters the profile is compared against (fvcore, ptflops).
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python benchmarks/bench_ste.py
+	$(BIN)/python benchmarks/bench_quantize.py
+	$(BIN)/python benchmarks/bench_profile.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

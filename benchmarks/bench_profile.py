@@ -6,7 +6,8 @@ stefx's matmul-family MACs side by side with torch.utils.flop_counter over the t
     .venv/bin/python benchmarks/bench_profile.py --zoo      # the side-by-side only
 
 The 8B profile runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own.
-Goal: under 20 s and 3 GB. fvcore / ptflops columns appear only when installed.
+Goal: under 20 s and 3 GB. The fvcore and ptflops columns need ``pip install -e .[bench]``
+(``make bench`` installs it); without them they say "not installed".
 """
 
 from __future__ import annotations
@@ -83,14 +84,71 @@ def run_llama() -> dict:
     return result
 
 
-def _optional_counters(model, args, kwargs) -> dict[str, object]:
-    cols: dict[str, object] = {}
+def _positional(model, kwargs):
+    """``model(*batch, **kwargs)`` behind positional arguments and a tuple output: the
+    calling convention fvcore's tracer and ptflops' input_constructor both accept. (torch
+    is imported here, not at the top: the 8B child times its own imports.)"""
+    from torch import nn
+
+    class Call(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args, batch=None):  # ptflops passes batch=..., fvcore *args
+            out = self.model(*(args if batch is None else batch), **kwargs)
+            return out.to_tuple() if hasattr(out, "to_tuple") else out
+
+    return Call().eval()
+
+
+# Operator names each tool files matrix products under (fvcore: its handle names).
+_FVCORE_MATMUL = ("addmm", "bmm", "conv", "einsum", "matmul", "linear", "mm", "baddbmm")
+
+
+def _optional_counters(model, args, kwargs) -> dict[str, str]:
+    """fvcore and ptflops totals in MACs (both count one per multiply-accumulate), or why
+    not. fvcore: matrix-product operators only (its total also counts norms and pooling).
+    ptflops: its default ``pytorch`` backend (module hooks plus patched functionals) and
+    its ``aten`` backend (matmul/addmm/bmm/convolution at dispatch)."""
+    import contextlib
+    import io
+    import warnings
+
+    cols: dict[str, str] = {}
+    wrapped = _positional(model, kwargs)
     try:
         from fvcore.nn import FlopCountAnalysis
 
-        cols["fvcore"] = FlopCountAnalysis(model, args).unsupported_ops_warnings(False).total()
-    except Exception:  # not installed, or cannot trace this model
-        pass
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            fca = FlopCountAnalysis(wrapped, tuple(args))
+            fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            by_op = fca.by_operator()
+        cols["fvcore"] = str(sum(v for k, v in by_op.items() if k in _FVCORE_MATMUL))
+    except ImportError:
+        cols["fvcore"] = "not installed"
+    except Exception as e:  # fvcore traces with torch.jit
+        cols["fvcore"] = f"fails: {type(e).__name__}"
+    try:
+        from ptflops import get_model_complexity_info
+    except ImportError:
+        return {**cols, "ptflops": "not installed", "ptflops aten": "not installed"}
+    for col, backend in (("ptflops", "pytorch"), ("ptflops aten", "aten")):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                macs, _ = get_model_complexity_info(
+                    wrapped,
+                    (1,),  # unused: input_constructor builds the real inputs
+                    input_constructor=lambda _: {"batch": tuple(args)},
+                    as_strings=False,
+                    print_per_layer_stat=False,
+                    backend=backend,
+                )
+            cols[col] = str(int(macs)) if macs is not None else "fails"
+        except Exception as e:
+            cols[col] = f"fails: {type(e).__name__}"
     return cols
 
 
@@ -152,8 +210,8 @@ def run_zoo() -> None:
             moe = sum(oc.before.macs for oc in rep.ops if oc.op.kind == "experts")
             why = f"sdpa {sdpa}, experts {moe} (torch counts 0 for these kernels on CPU)"
         row = [name, stefx_macs, torch_macs, where, same, f"{dt:.2f}", why]
-        row += [str(v) for v in _optional_counters(model, args, kwargs).values()]
-        rows.append(row)
+        extra = _optional_counters(model, args, kwargs)
+        rows.append(row + list(extra.values()))
     headers = [
         "model",
         "stefx MACs",
@@ -162,6 +220,7 @@ def run_zoo() -> None:
         "equal",
         "profile s",
         "difference",
+        *extra,
     ]
     print(tabulate(rows, headers=headers, tablefmt="github"))
 

@@ -138,6 +138,22 @@ def test_not_covered_lists_ignored_lm_head_with_bytes(llama_report):
     assert "lm_head.weight" in section and "16 KiB" in section
 
 
+def test_not_covered_lists_a_tied_weight_once_with_its_aliases():
+    model, _ = build("gpt2")  # wte.weight is lm_head.weight
+    rep = profile(model, recipe="w4a8")  # the preset keeps embeddings and lm_head float
+    tied = [n for n in rep.not_covered if "lm_head.weight" in (n["param"], *n["aliases"])]
+    assert len(tied) == 1
+    assert {tied[0]["param"], *tied[0]["aliases"]} == {"transformer.wte.weight", "lm_head.weight"}
+    assert not tied[0]["partly_quantized"]
+    assert "transformer.wte.weight (= lm_head.weight)" in str(rep)
+    head = {"name": "h", "rules": [{"targets": ["lm_head"], "weights": {"type": "uniform"}}]}
+    rep = profile(model, recipe=head)  # quantized where lm_head reads it, float in wte
+    tied = [n for n in rep.not_covered if n["param"] == "transformer.wte.weight"]
+    assert len(tied) == 1 and tied[0]["partly_quantized"]
+    assert "lm_head.weight" in tied[0]["aliases"]
+    assert all(n["param"] != "lm_head.weight" for n in rep.not_covered)
+
+
 def test_not_covered_lists_fused_moe_experts():
     model, _ = build("mixtral")
     rep = profile(model, recipe="w4a8")  # targets linear: the fused 3D experts stay float

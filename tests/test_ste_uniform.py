@@ -434,3 +434,16 @@ def test_strength_half_is_halfway_and_disabled_is_identity(qx):
     assert off(x) is x
     q.enabled = False
     assert q(x) is x
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_non_finite_value_poisons_only_its_own_group(bad, symmetric):
+    spec = {"type": "uniform", "num_bits": 4, "strategy": "channel", "symmetric": symmetric}
+    q = stefx.make_quantizer(spec)
+    x = torch.randn(3, 8)
+    clean = q(x)
+    x[1, 3] = bad
+    y = q(x)
+    assert not y[1].isfinite().any()  # visible, not collapsed to zeros
+    assert torch.equal(y[[0, 2]], clean[[0, 2]])

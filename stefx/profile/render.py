@@ -151,7 +151,7 @@ def _sections(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(("not covered", ["note"], [["no recipe or plan: every weight stays float"]]))
     else:
         nc = [
-            [n["param"], n["op"], "x".join(map(str, n["shape"])), _bytes(n["bytes"])]
+            [_param_label(n), n["op"], "x".join(map(str, n["shape"])), _bytes(n["bytes"])]
             for n in report.not_covered
         ]
         total = sum(n["bytes"] for n in report.not_covered)
@@ -249,3 +249,13 @@ def plot(report: Report, path: str) -> str:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _param_label(entry: dict) -> str:
+    """A not-covered weight's name, with its tied aliases: ``wte.weight (= lm_head.weight)``."""
+    label = entry["param"]
+    if entry.get("aliases"):
+        label += f" (= {', '.join(entry['aliases'])})"
+    if entry.get("partly_quantized"):
+        label += " [quantized where read as another name]"
+    return label

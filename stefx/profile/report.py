@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -208,7 +209,7 @@ class Report:
             model_name=model_name,
             samples=samples,
             tokens=tokens,
-            not_covered=_not_covered(ops),
+            not_covered=_not_covered(ops, cap.tied_params),
             notes=list(cap.notes),
         )
 
@@ -347,31 +348,46 @@ def _nonzero(row: LayerRow) -> bool:
     )
 
 
-def _not_covered(ops: list[OpCost]) -> list[dict[str, Any]]:
-    """Every >=2-D weight of a weighted op that stays float after the plan, once."""
-    out, seen = [], set()
+def _not_covered(ops: list[OpCost], tied: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every >=2-D weight of a weighted op that stays float after the plan, once.
+
+    A tied weight (GPT-2's ``wte.weight`` is ``lm_head.weight``) is one tensor: it is
+    listed once, under its canonical name, with its other names in ``aliases``; when
+    the recipe quantizes it where one alias reads it, ``partly_quantized`` says so (the
+    float reads still need the float tensor, so its bytes stay listed).
+    """
+    tied = tied or {}
+    quantized = {tied.get(f, f) for oc in ops for f in oc.bits.quantized_params}
+    entries: dict[str, dict[str, Any]] = {}
     for oc in ops:
         if oc.op.kind not in MODULE_WEIGHT_KINDS:
             continue
         for role, fqn in oc.op.params.items():
             shape = tuple(oc.op.param_shapes.get(role, ()))
-            if len(shape) < 2 or fqn in oc.bits.quantized_params or fqn in seen:
+            if len(shape) < 2 or fqn in oc.bits.quantized_params:
                 continue
-            seen.add(fqn)
-            n = 1
-            for s in shape:
-                n *= s
-            out.append(
-                {
-                    "param": fqn,
-                    "module": oc.op.module,
-                    "op": oc.op.kind,
-                    "shape": shape,
-                    "params": n,
-                    "bytes": n * oc.float_bits / 8,
-                }
-            )
-    return out
+            canonical = tied.get(fqn, fqn)
+            entry = entries.get(canonical)
+            if entry is not None:
+                if fqn != canonical and fqn not in entry["aliases"]:
+                    entry["aliases"].append(fqn)
+                continue
+            n = math.prod(shape)
+            entries[canonical] = {
+                "param": canonical,
+                "module": oc.op.module,
+                "op": oc.op.kind,
+                "shape": shape,
+                "params": n,
+                "bytes": n * oc.float_bits / 8,
+                "aliases": [fqn] if fqn != canonical else [],
+                "partly_quantized": canonical in quantized,
+            }
+    for canonical, entry in entries.items():  # aliases the plan quantized are names too
+        entry["aliases"] += sorted(
+            a for a, c in tied.items() if c == canonical and a not in entry["aliases"]
+        )
+    return list(entries.values())
 
 
 # -- text rendering ------------------------------------------------------------------------

@@ -17,6 +17,9 @@ gradient flows to it (as in ``torch.fake_quantize_per_channel_affine``, which th
 matches bit for bit for the same s and z). Per-token 8-bit absmax is the activation
 quantizer of BitNet (arXiv:2310.11453) and LLM.int8 (arXiv:2208.07339).
 
+Non-finite input: a NaN or ±inf in a scale group makes that group's output non-finite
+(its scale is NaN or inf), as a float op reading that row would; other groups are unaffected.
+
 ``freeze(x)`` computes s and z once and keeps them (static quantization);
 ``unfreeze()`` returns to per-call statistics.
 """
@@ -47,13 +50,16 @@ def minmax_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float32) and zero point (int32) per group from per-group min and max."""
     qmin, qmax = code_range(bits, symmetric)
-    lo = lo.float().nan_to_num(0.0, 0.0, 0.0).clamp(max=0.0)
-    hi = hi.float().nan_to_num(0.0, 0.0, 0.0).clamp(min=0.0)
+    # No nan_to_num: a NaN or inf makes its group's scale NaN, so the whole group comes
+    # out NaN - as a float matmul over that row would - instead of silently collapsing
+    # to zero and hiding a diverged weight or activation.
+    lo = lo.float().clamp(max=0.0)
+    hi = hi.float().clamp(min=0.0)
     if symmetric:
         scale = (torch.maximum(-lo, hi) / qmax).clamp(min=_EPS)
         return scale, torch.zeros_like(scale, dtype=torch.int32)
     scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
-    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
+    zero = (qmin - torch.round(lo / scale)).nan_to_num(qmin).clamp(qmin, qmax).to(torch.int32)
     return scale, zero
 
 
