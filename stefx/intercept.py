@@ -15,6 +15,7 @@ counted: the children's own hooks suspend the count while they run.
 from __future__ import annotations
 
 import functools
+import threading
 from collections import Counter
 from typing import Any
 
@@ -24,7 +25,23 @@ from torch.overrides import TorchFunctionMode
 
 from stefx.capture.kinds import call_name, kind_of_function, site_key
 
-__all__ = ["OpInterceptor", "operand_positions"]
+__all__ = ["OpInterceptor", "operand_positions", "quiet"]
+
+
+class _Quiet(threading.local):
+    """While active, no interceptor counts or touches a call: stefx's own tensor work
+    (quantizers running in hooks) is not part of any module's forward as captured."""
+
+    depth = 0
+
+    def __enter__(self) -> None:
+        self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+
+
+quiet = _Quiet()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -62,7 +79,7 @@ class OpInterceptor(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        kind = None if self.suspended else _key(func)
+        kind = None if self.suspended or quiet.depth else _key(func)
         if kind not in self.keys:
             return func(*args, **kwargs)
         ordinal = self.counts[kind]
@@ -71,6 +88,11 @@ class OpInterceptor(TorchFunctionMode):
         if entry is None:
             return func(*args, **kwargs)
         operand_qs, output_q = entry
+        with quiet:
+            return self._quantized_call(kind, func, args, kwargs, operand_qs, output_q)
+
+    @staticmethod
+    def _quantized_call(kind, func, args, kwargs, operand_qs, output_q):
         if operand_qs:
             args = list(args)
             if kind == "einsum" and len(args) == 2 and isinstance(args[1], (list, tuple)):

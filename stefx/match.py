@@ -95,7 +95,8 @@ class Plan:
                 "site": s.name,
                 "kind": s.kind,
                 "type": s.module_type,
-                "weights": _spec_text(s.weights) if s.params else "-",
+                "weights": (_spec_text(s.weights) if s.params else "-")
+                + (f" +folds {s.fold_bn}" if s.fold_bn else ""),
                 "input": _spec_text(s.input_activations),
                 "output": _spec_text(s.output_activations),
                 "rules": ",".join(map(str, s.rules)),

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from stefx.errors import RecipeError
-from stefx.intercept import OpInterceptor, operand_positions
+from stefx.intercept import OpInterceptor, operand_positions, quiet
 from stefx.match import Plan, Site
 from stefx.ste.base import Quantizer
 from stefx.ste.spec import QuantSpec, make_quantizer
@@ -210,7 +210,8 @@ def _attach(site: Site, module: nn.Module, built: dict[str, nn.Module]) -> None:
                 if isinstance(child, Quantizer) or child is module.op_quantizers:
                     continue
                 suspend, resume = partial(_suspend, module), partial(_resume, module)
-                state.child_handles.append(child.register_forward_pre_hook(suspend))
+                pre = child.register_forward_pre_hook(suspend, prepend=True)
+                state.child_handles.append(pre)
                 state.child_handles.append(child.register_forward_hook(resume, always_call=True))
         for name, q in built.items():
             module.op_quantizers[name] = q
@@ -243,6 +244,15 @@ def _quantize_first_input(q: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
 
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     state: _ModuleState = getattr(module, STATE_ATTR)
+    with quiet:  # an ancestor's op interceptor must not count the quantizers' own ops
+        args, kwargs = _quantize_inputs(module, state, args, kwargs)
+    if state.op_table:
+        state.interceptor = OpInterceptor(state.op_table)
+        state.interceptor.__enter__()
+    return args, kwargs
+
+
+def _quantize_inputs(module: nn.Module, state: _ModuleState, args: tuple, kwargs: dict):
     for p in state.params:
         latent = module._parameters[p]
         state.latent[p] = latent
@@ -255,9 +265,6 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
             module._parameters[p] = q(latent)
     if state.has_input:
         args, kwargs = _quantize_first_input(module.input_quantizer, args, kwargs)
-    if state.op_table:
-        state.interceptor = OpInterceptor(state.op_table)
-        state.interceptor.__enter__()
     return args, kwargs
 
 
@@ -270,7 +277,8 @@ def _post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
         module._parameters[p] = latent
     state.latent.clear()
     if state.has_output and isinstance(output, torch.Tensor) and output.is_floating_point():
-        return module.output_quantizer(output)
+        with quiet:
+            return module.output_quantizer(output)
     return output
 
 

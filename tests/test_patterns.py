@@ -16,6 +16,7 @@ from tests.zoo import build
 
 W4 = {"type": "uniform", "num_bits": 4, "strategy": "channel", "symmetric": True}
 A8 = {"type": "uniform", "num_bits": 8, "strategy": "tensor", "symmetric": True}
+LSQ4 = {"type": "lsq", "num_bits": 4, "strategy": "channel"}
 
 
 def _fold_recipe(pattern=("conv", "batch_norm"), weights=W4, **extra):
@@ -156,6 +157,7 @@ def test_fold_shows_in_explain_and_dequantize_restores():
     x = torch.randn(2, 3, 8, 8)
     plan = stefx.explain(model, _fold_recipe(), (x,))
     assert [(s.name, s.fold_bn) for s in plan.sites] == [("conv", "bn")]
+    assert "uniform4 channel +folds bn" in str(plan)
     keys = set(model.state_dict())
     stefx.quantize(model, _fold_recipe(), (x,), report=False)
     stefx.dequantize(model)
@@ -326,3 +328,26 @@ def test_profile_charges_a_folded_batchnorm_as_gone():
     assert bn_after["after"]["params"] == 6  # the folded per-channel bias
     conv = {r["name"]: r for r in folded.to_dict()["layers"]}["conv"]
     assert conv["after"]["param_bytes"] < conv["before"]["param_bytes"]
+
+
+def test_quantizers_of_child_modules_do_not_shift_the_owners_call_count():
+    """The root counts its own ``add`` calls; the quantizers running in its children's
+    hooks (conv weights, inputs: mul, div, add inside) must not be counted."""
+    model, (x,) = build("residual_cnn")
+    model.eval()
+    recipe = {
+        "name": "r",
+        "rules": [
+            {"targets": ["conv"], "weights": LSQ4, "input_activations": {**A8, "strength": 0.5}},
+            {"pattern": ["conv", "batch_norm", "add"], "output_activations": A8},
+        ],
+    }
+    stefx.quantize(model, recipe, (x,), report=False)
+    seen = []
+    model.op_quantizers["add_0_out"].register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    residual = {}
+    model.stem.register_forward_hook(lambda m, a, o: residual.setdefault("x", o))
+    model.bn2.register_forward_hook(lambda m, a, o: residual.setdefault("bn2", o))
+    model(x)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], residual["x"] + residual["bn2"])
