@@ -296,6 +296,22 @@ _HF_SPECS: dict[str, tuple[str, dict[str, Any], str, str]] = {
     "mistral": ("MistralConfig", _DECODER, "AutoModelForCausalLM", "eager"),
     "gemma": ("GemmaConfig", _DECODER, "AutoModelForCausalLM", "eager"),
     "phi3": ("Phi3Config", _DECODER, "AutoModelForCausalLM", "eager"),
+    # FalconLinear computes input @ self.weight.T: the weight reaches the matmul through
+    # a transpose view (aten.numpy_T), which capture must see through.
+    "falcon": (
+        "FalconConfig",
+        dict(
+            vocab_size=128,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_hidden_size=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "AutoModelForCausalLM",
+        "eager",
+    ),
     "mixtral": (
         "MixtralConfig",
         {**_DECODER, **_MOE, "num_local_experts": 4},

@@ -152,6 +152,7 @@ _register(
 _register(
     "view",
     *("view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "expand_as"),
+    *("numpy_T", "T", "mT", "adjoint"),
     *("squeeze", "unsqueeze", "flatten", "unflatten", "contiguous", "clone", "to", "_to_copy"),
     *("type", "type_as", "float", "half", "bfloat16", "double", "int", "long", "bool"),
     *("cat", "concat", "concatenate", "stack", "split", "split_with_sizes", "chunk", "unbind"),

@@ -39,6 +39,7 @@ _PASS_THROUGH = frozenset(
     | {"to", "_to_copy", "type", "float", "half", "bfloat16", "alias", "detach", "clone"}
     | {"select", "index", "slice", "getitem", "unsqueeze", "squeeze", "flatten", "narrow"}
     | {"lift_fresh_copy", "type_as", "unflatten"}
+    | {"numpy_T", "T", "mT", "adjoint", "movedim", "swapaxes", "view_as"}  # w.T (Falcon)
 )
 _NAMED_ROLES = frozenset({"weight", "bias", "running_mean", "running_var"})
 _LOOKUPS = frozenset({"index", "index_select", "take", "getitem"})
