@@ -123,9 +123,10 @@ def test_every_weight_module_that_runs_has_its_op(name: str) -> None:
     }
     assert expected, "the zoo model has no weight-carrying module"
     found = {  # a Linear may compute x @ w.T (Falcon): a matmul reading its weight
-        (op.module, module_op_kind(op))
+        (op.module, kind)
         for op in cap.ops
         if op.params.get("weight") == f"{op.module}.weight"
+        for kind in (op.kind, module_op_kind(op))
     }
     missing = {fqn: kind for fqn, kind in expected.items() if (fqn, kind) not in found}
     assert not missing

@@ -57,7 +57,8 @@ def _forward_params(model: nn.Module) -> dict[str, inspect.Parameter]:
 def example_inputs_for(model: nn.Module) -> dict[str, torch.Tensor]:
     """Small example inputs for a Hugging Face model, built from its config.
 
-    Text models get ``input_ids`` of shape (1, 8); vision models ``pixel_values`` of shape
+    Models that read text get ``input_ids`` of shape (1, 8) (image-text LMs too: they run
+    on text alone); vision-only models ``pixel_values`` of shape
     (1, num_channels, image_size, image_size); speech encoder-decoders (Whisper)
     ``input_features`` of shape (1, num_mel_bins, 2 * max_source_positions) and
     ``decoder_input_ids``. Tensors are on the model's device (``meta`` for a meta model).
@@ -75,18 +76,21 @@ def example_inputs_for(model: nn.Module) -> dict[str, torch.Tensor]:
             "example_inputs=(tensor, ...) or example_inputs={'arg': tensor} to capture()."
         )
     inputs: dict[str, torch.Tensor] = {}
+    vocab = _vocab_size(config)
     if "input_features" in params and hasattr(config, "num_mel_bins"):
         frames = 2 * int(getattr(config, "max_source_positions", 1500))
         inputs["input_features"] = torch.randn(1, config.num_mel_bins, frames, dtype=dtype)
+    elif "input_ids" in params and vocab:
+        # A model that reads text reads text first: image-text LMs (Fuyu, LLaVA) run on
+        # text alone, but need input_ids beside any pixel_values.
+        inputs["input_ids"] = _token_ids(config, vocab)
     elif "pixel_values" in params and hasattr(config, "image_size"):
         size = config.image_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         channels = int(getattr(config, "num_channels", 3))
         inputs["pixel_values"] = torch.randn(1, channels, h, w, dtype=dtype)
-    elif "input_ids" in params and getattr(config, "vocab_size", None):
-        inputs["input_ids"] = _token_ids(config, int(config.vocab_size))
-    if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = _token_ids(config, int(config.vocab_size))
+    if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False) and vocab:
+        inputs["decoder_input_ids"] = _token_ids(config, vocab)
     if not inputs:
         dummy = getattr(model, "dummy_inputs", None)
         if isinstance(dummy, dict) and dummy:
@@ -97,6 +101,15 @@ def example_inputs_for(model: nn.Module) -> dict[str, torch.Tensor]:
             "example_inputs={'input_name': tensor, ...} to capture()."
         )
     return to_device(inputs, device)
+
+
+def _vocab_size(config: Any) -> int | None:
+    """The vocabulary size, also from a composite config's text part (``text_config``)."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        vocab = getattr(cfg, "vocab_size", None) if cfg is not None else None
+        if isinstance(vocab, int) and vocab > 0:
+            return vocab
+    return None
 
 
 def _token_ids(config: Any, vocab: int) -> torch.Tensor:
