@@ -152,7 +152,7 @@ _register(
 _register(
     "view",
     *("view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "expand_as"),
-    *("numpy_T", "T", "mT", "adjoint"),
+    *("numpy_T", "T", "mT", "adjoint", "item", "_local_scalar_dense", "tolist"),
     *("squeeze", "unsqueeze", "flatten", "unflatten", "contiguous", "clone", "to", "_to_copy"),
     *("type", "type_as", "float", "half", "bfloat16", "double", "int", "long", "bool"),
     *("cat", "concat", "concatenate", "stack", "split", "split_with_sizes", "chunk", "unbind"),
@@ -163,7 +163,10 @@ _register(
     *("index_put", "index_put_", "copy_", "scatter", "scatter_add", "masked_select"),
 )
 # Bookkeeping nodes that compute nothing and are left out of Capture.ops.
-SKIPPED = frozenset({"_assert_is_none", "_assert", "_assert_async", "_set_grad_enabled"})
+SKIPPED = frozenset(
+    {"_assert_is_none", "_assert", "_assert_async", "_set_grad_enabled", "_assert_scalar"}
+    | {"sym_constrain_range", "sym_constrain_range_for_size", "_check_is_size"}
+)
 
 # Module classes, most specific first (isinstance order matters: LazyLinear < Linear).
 _KIND_BY_MODULE: tuple[tuple[type[nn.Module], str], ...] = (

@@ -71,10 +71,14 @@ def shape_of(value: Any) -> Shape | None:
     shape = getattr(value, "shape", None)
     if shape is None or not isinstance(value, torch.Tensor):
         return None
-    try:
-        return tuple(int(s) for s in shape)
-    except (TypeError, ValueError):  # unbacked symbolic sizes
-        return None
+    dims = []
+    for s in shape:
+        if isinstance(s, torch.SymInt):  # data-dependent sizes (MoE routing): unknown
+            s = s.node.maybe_as_int()
+            if s is None:
+                return None
+        dims.append(int(s))
+    return tuple(dims)
 
 
 def _val(node: Any) -> Any:

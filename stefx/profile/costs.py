@@ -171,6 +171,8 @@ def cost_of(
         scale_groups=scale_groups,
         scale_overhead_bits=scale_overhead_bits if scale_overhead_bits is not None else float_bits,
     )
+    if _on_sizes(op):
+        return Cost(status="ignored", note="arithmetic on sizes (Python ints), not on tensors")
     if op.kind not in _FORMULAS:
         hint = did_you_mean(op.kind, _FORMULAS.names())
         return unsupported(op, settings, f"no cost formula for kind {op.kind!r}{hint}")
@@ -178,6 +180,17 @@ def cost_of(
         return cost_formula(op.kind)(op, settings)
     except _ShapeUnknown as missing:
         return unsupported(op, settings, f"{op.name}: {missing}")
+
+
+def _on_sizes(op: OpNode) -> bool:
+    """A traced ``n // 2`` or ``u0 >= 0`` on a symbolic size: no tensor in, none out."""
+    return (
+        op.kind in ("elementwise", "other")
+        and not op.dtype
+        and op.output_shape is None
+        and all(s is None for s in op.input_shapes)
+        and not op.params
+    )
 
 
 def dtype_bits(dtype: str) -> int:
