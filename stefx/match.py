@@ -169,8 +169,8 @@ def op_key(op: OpNode) -> str | None:
     its call name for pointwise ops on tensors; None for ops that carry no op site.
     Arithmetic on sizes (``x.size(-1) // 2``) is traced but runs as plain Python, so it
     is not counted."""
-    if op.kind == "elementwise" and not any(s is not None for s in op.input_shapes):
-        return None
+    if op.kind == "elementwise" and not op.dtype and all(s is None for s in op.input_shapes):
+        return None  # no tensor in or out
     return site_key(op.kind, op.call)
 
 
