@@ -116,7 +116,8 @@ def _token_ids(config: Any, vocab: int) -> torch.Tensor:
     limit = getattr(config, "max_position_embeddings", None) or getattr(
         config, "max_target_positions", None
     )
-    length = min(_SEQ_LEN, int(limit)) if limit else _SEQ_LEN
+    # XLNet has no position limit and reports -1: only a positive limit caps the length.
+    length = min(_SEQ_LEN, int(limit)) if isinstance(limit, int) and limit > 0 else _SEQ_LEN
     # Deterministic ids that avoid the low special-token ids when the vocabulary allows.
     low = 3 if vocab > 3 + length else 0
     return (torch.arange(length) % (vocab - low) + low).unsqueeze(0)
