@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from stefx.capture.graph import Capture, OpNode
-from stefx.capture.kinds import FUNCTIONAL_KINDS, MATMUL_KINDS, MODULE_WEIGHT_KINDS, site_key
-from stefx.errors import RecipeError
-from stefx.pattern import find_chains
+from stefx.capture.kinds import FUNCTIONAL_KINDS, MATMUL_KINDS, MODULE_WEIGHT_KINDS
+from stefx.pattern import Chains, bn_to_fold, chain_ends, find_chains
 from stefx.recipe import FIELDS, FLOAT, Recipe, Rule
 from stefx.ste.spec import QuantSpec
 
@@ -164,16 +163,6 @@ def _expert_in_axis(op: OpNode, weight_shape: tuple[int, ...]) -> int:
     return 2
 
 
-def op_key(op: OpNode) -> str | None:
-    """What an op's site ordinal counts (``kinds.site_key``): its kind for matmul-like ops,
-    its call name for pointwise ops on tensors; None for ops that carry no op site.
-    Arithmetic on sizes (``x.size(-1) // 2``) is traced but runs as plain Python, so it
-    is not counted."""
-    if op.kind == "elementwise" and not op.dtype and all(s is None for s in op.input_shapes):
-        return None  # no tensor in or out
-    return site_key(op.kind, op.call)
-
-
 def functional_ordinals(ops: list[OpNode]) -> dict[int, int]:
     """id(op) -> its index among the calls with its site key in its module, for every op
     that can carry an op site, weight-reading or not: the run-time interceptor sees them
@@ -181,7 +170,7 @@ def functional_ordinals(ops: list[OpNode]) -> dict[int, int]:
     counts: Counter[tuple[str, str]] = Counter()
     out = {}
     for op in ops:
-        key = op_key(op)
+        key = op.site_key
         if key is not None:
             out[id(op)] = counts[(op.module, key)]
             counts[(op.module, key)] += 1
@@ -189,7 +178,7 @@ def functional_ordinals(ops: list[OpNode]) -> dict[int, int]:
 
 
 def op_site_name(op: OpNode, ordinal: int) -> str:
-    key = op_key(op)
+    key = op.site_key
     return f"{op.module}.{key}_{ordinal}" if op.module else f"{key}_{ordinal}"
 
 
@@ -274,9 +263,6 @@ def _within(scope: str, cand: Candidate) -> bool:
     return False
 
 
-Chains = list[list[OpNode]]
-
-
 def _rule_selection(
     rule: Rule, cands: list[Candidate], capture: Capture
 ) -> list[tuple[Candidate, Chains]]:
@@ -318,92 +304,25 @@ def _decide(decided: dict, name: str, rule: Rule, fields: tuple[str, ...]) -> di
     return entry
 
 
-def _bn_to_fold(rule: Rule, cand: Candidate, chains: Chains, modules: dict) -> str:
-    """FQN of the BatchNorm a ``fold_bn`` rule folds into ``cand``'s weights."""
-    where = f"{rule.label}: fold_bn"
-    if cand.kind not in ("linear", "conv", "conv_transpose"):
-        raise RecipeError(
-            f"{where}: {cand.name!r} is a {cand.kind}; only linear, conv and conv_transpose "
-            "weights can absorb a BatchNorm. Remove fold_bn from this rule"
-        )
-    names = sorted({chain[1].module for chain in chains})
-    if len(names) != 1:
-        raise RecipeError(
-            f"{where}: {cand.name!r} feeds {len(names)} BatchNorms ({names}) on different "
-            "calls; folding needs exactly one. Remove fold_bn from this rule"
-        )
-    bn = modules.get(names[0])
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise RecipeError(
-            f"{where}: the op after {cand.name!r} is {chains[0][1].target} in module "
-            f"{names[0]!r}, not a BatchNorm module; folding needs an nn.BatchNorm1d/2d/3d "
-            "(a functional batch_norm has no module to read statistics from)"
-        )
-    if bn.running_var is None:
-        raise RecipeError(
-            f"{where}: BatchNorm {names[0]!r} has track_running_stats=False, so there are no "
-            "running statistics to fold; build it with track_running_stats=True or remove fold_bn"
-        )
-    return names[0]
-
-
-def _module_calls(ops: list[OpNode]) -> tuple[Counter[str], set[int]]:
-    """How many separate calls each module's ops form, and id() of each call's last op."""
-    calls: Counter[str] = Counter()
-    ends: set[int] = set()
-    prev: OpNode | None = None
-    for op in ops:
-        if op.attrs.get("inside_opaque"):
-            continue
-        if prev is None or op.module != prev.module:
-            calls[op.module] += 1
-            if prev is not None:
-                ends.add(id(prev))
-        prev = op
-    if prev is not None:
-        ends.add(id(prev))
-    return calls, ends
-
-
 def _tail_sites(
     rule: Rule, tails: list[OpNode], capture: Capture, modules: dict, by_name: dict
 ) -> list[Candidate]:
-    """Where the output quantizer of each pattern chain goes: the output of the leaf module
-    the chain ends in, or an op site on the pointwise / matmul call that ends it."""
-    calls, ends = _module_calls(capture.ops)
+    """Candidates for the outputs of a pattern rule's chains (see ``pattern.chain_ends``)."""
     ordinals = functional_ordinals(capture.ops)
     out: dict[str, Candidate] = {}
-    per_module: Counter[str] = Counter()
-    for tail in {id(t): t for t in tails}.values():
+    for where, tail in chain_ends(rule, tails, capture.ops, modules):
         module = modules.get(tail.module)
-        leaf = tail.module and module is not None and next(module.children(), None) is None
-        if leaf and id(tail) in ends:
-            per_module[tail.module] += 1
+        if where == "module":
             cand = by_name.get(tail.module) or Candidate(
                 tail.module, tail.kind, tail.module, _type_names(module), op=tail
             )
-        elif id(tail) in ordinals and not tail.params:
-            name = op_site_name(tail, ordinals[id(tail)])
-            cand = by_name.get(name) or Candidate(
-                name, op_key(tail), tail.module, _type_names(module), (), ordinals[id(tail)], tail
-            )
         else:
-            raise RecipeError(
-                f"{rule.label}: output_activations of pattern {list(rule.pattern)}: the chain "
-                f"ends at {tail.target} inside {tail.module or 'the model'!r}, which is neither "
-                "a module's output nor a pointwise or matmul call stefx can hook; end the "
-                "pattern at another op, or drop output_activations from this rule"
+            n = ordinals[id(tail)]
+            name = op_site_name(tail, n)
+            cand = by_name.get(name) or Candidate(
+                name, tail.site_key, tail.module, _type_names(module), (), n, tail
             )
         out.setdefault(cand.name, cand)
-    for fqn, n in per_module.items():
-        if calls[fqn] > n:
-            raise RecipeError(
-                f"{rule.label}: output_activations of pattern {list(rule.pattern)}: the chain "
-                f"ends at module {fqn!r}, which the model calls {calls[fqn]} times, but only "
-                f"{n} of those calls end the pattern; a quantizer on its output would apply "
-                "to every call. Give each call its own module (e.g. separate nn.ReLU "
-                f"instances), or use targets: [{fqn}] if every call should be quantized"
-            )
     return list(out.values())
 
 
@@ -427,7 +346,7 @@ def match(recipe: Recipe, capture: Capture, model: nn.Module) -> Plan:
         for cand, chains in chosen:
             entry = _decide(decided, cand.name, rule, FIELDS[:2] if multi else FIELDS)
             if multi and rule.fold_bn:
-                entry["fold_bn"] = _bn_to_fold(rule, cand, chains, modules)
+                entry["fold_bn"] = bn_to_fold(rule, cand.name, cand.kind, chains, modules)
             if multi and rule.output_activations is not None:
                 tails.extend(chain[-1] for chain in chains)
         for cand in _tail_sites(rule, tails, capture, modules, by_name) if tails else ():

@@ -2,18 +2,27 @@
 
 A chain is a run of graph nodes where each node's output is used only by the next one,
 so quantizing the chain's end is the same as quantizing what the first op feeds
-forward. Pure: reads the captured graph, returns the OpNodes of each chain.
+forward. This module finds chains and resolves what a pattern rule does with them: the
+BatchNorm a ``fold_bn`` rule folds, and where each chain's output can be quantized.
+Pure: reads the captured graph and the model, returns records or raises RecipeError.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import torch.fx as fx
+from torch import nn
 
 from stefx.capture.graph import Capture, OpNode
+from stefx.errors import RecipeError
+from stefx.recipe import Rule
 
-__all__ = ["find_chains", "op_matches"]
+__all__ = ["Chains", "bn_to_fold", "chain_ends", "find_chains", "op_matches"]
+
+Chains = list[list[OpNode]]
+FOLDABLE_KINDS = ("linear", "conv", "conv_transpose")
 
 _CONV_DIMS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
 
@@ -59,3 +68,88 @@ def find_chains(pattern: Sequence[str], capture: Capture) -> list[list[OpNode]]:
         else:
             chains.append(chain)
     return chains
+
+
+def bn_to_fold(rule: Rule, head: str, kind: str, chains: Chains, modules: dict) -> str:
+    """FQN of the BatchNorm module a ``fold_bn`` rule folds into the weights of ``head``
+    (a site of op ``kind``), the second op of each of its ``chains``."""
+    where = f"{rule.label}: fold_bn"
+    if kind not in FOLDABLE_KINDS:
+        raise RecipeError(
+            f"{where}: {head!r} is a {kind}; only {', '.join(FOLDABLE_KINDS)} weights can "
+            "absorb a BatchNorm. Remove fold_bn from this rule"
+        )
+    names = sorted({chain[1].module for chain in chains})
+    if len(names) != 1:
+        raise RecipeError(
+            f"{where}: {head!r} feeds {len(names)} BatchNorms ({names}) on different calls; "
+            "folding needs exactly one. Remove fold_bn from this rule"
+        )
+    bn = modules.get(names[0])
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise RecipeError(
+            f"{where}: the op after {head!r} is {chains[0][1].target} in module "
+            f"{names[0]!r}, not a BatchNorm module; folding needs an nn.BatchNorm1d/2d/3d "
+            "(a functional batch_norm has no module to read statistics from)"
+        )
+    if bn.running_var is None:
+        raise RecipeError(
+            f"{where}: BatchNorm {names[0]!r} has track_running_stats=False, so there are no "
+            "running statistics to fold; build it with track_running_stats=True or remove fold_bn"
+        )
+    return names[0]
+
+
+def _module_calls(ops: list[OpNode]) -> tuple[Counter[str], set[int]]:
+    """How many separate calls each module's ops form, and id() of each call's last op."""
+    calls: Counter[str] = Counter()
+    ends: set[int] = set()
+    prev: OpNode | None = None
+    for op in ops:
+        if op.attrs.get("inside_opaque"):
+            continue
+        if prev is None or op.module != prev.module:
+            calls[op.module] += 1
+            if prev is not None:
+                ends.add(id(prev))
+        prev = op
+    if prev is not None:
+        ends.add(id(prev))
+    return calls, ends
+
+
+def chain_ends(
+    rule: Rule, tails: list[OpNode], ops: list[OpNode], modules: dict
+) -> list[tuple[str, OpNode]]:
+    """Where each chain's output quantizer goes: ``("module", op)`` for the output of the
+    leaf module whose call ends the chain (``nn.ReLU``), ``("op", op)`` for an op site on
+    the pointwise or matmul call that ends it (``F.relu``, ``x + y``). Raises RecipeError
+    for an end stefx cannot hook, or a module that ends the chain on only some calls."""
+    calls, ends = _module_calls(ops)
+    out: list[tuple[str, OpNode]] = []
+    per_module: Counter[str] = Counter()
+    for tail in {id(t): t for t in tails}.values():
+        module = modules.get(tail.module)
+        leaf = tail.module and module is not None and next(module.children(), None) is None
+        if leaf and id(tail) in ends:
+            per_module[tail.module] += 1
+            out.append(("module", tail))
+        elif tail.site_key is not None and not tail.params:
+            out.append(("op", tail))
+        else:
+            raise RecipeError(
+                f"{rule.label}: output_activations of pattern {list(rule.pattern)}: the chain "
+                f"ends at {tail.target} inside {tail.module or 'the model'!r}, which is neither "
+                "a module's output nor a pointwise or matmul call stefx can hook; end the "
+                "pattern at another op, or drop output_activations from this rule"
+            )
+    for fqn, n in per_module.items():
+        if calls[fqn] > n:
+            raise RecipeError(
+                f"{rule.label}: output_activations of pattern {list(rule.pattern)}: the chain "
+                f"ends at module {fqn!r}, which the model calls {calls[fqn]} times, but only "
+                f"{n} of those calls end the pattern; a quantizer on its output would apply "
+                "to every call. Give each call its own module (e.g. separate nn.ReLU "
+                f"instances), or use targets: [{fqn}] if every call should be quantized"
+            )
+    return out

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch.fx as fx
 
+from stefx.capture.kinds import site_key
+
 __all__ = ["Capture", "OpNode"]
 
 Shape = tuple[int, ...]
@@ -71,6 +73,20 @@ class OpNode:
     buffers: dict[str, str] = field(default_factory=dict)
     param_shapes: dict[str, Shape] = field(default_factory=dict)
     call: str = ""
+
+    @property
+    def site_key(self) -> str | None:
+        """What this op's op-site ordinal counts (``kinds.site_key``): its kind for
+        matmul-like ops, its call name for pointwise ops; None for ops that carry no op
+        site. Arithmetic on sizes (``x.size(-1) // 2``: no tensor in or out) is traced
+        but runs as plain Python, so it is not counted."""
+        if (
+            self.kind == "elementwise"
+            and not self.dtype
+            and all(s is None for s in self.input_shapes)
+        ):
+            return None
+        return site_key(self.kind, self.call)
 
 
 @dataclass
