@@ -351,3 +351,30 @@ def test_quantizers_of_child_modules_do_not_shift_the_owners_call_count():
     model(x)
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], residual["x"] + residual["bn2"])
+
+
+def test_fold_and_outputs_on_a_hugging_face_resnet_captured_by_export():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(6)
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3
+    )
+    model = ResNetForImageClassification(config)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _randomise_bn(m)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    float_logits = model(pixel_values=x).logits
+    recipe = _fold_recipe(("conv", "batch_norm", "relu"), output_activations=A8)
+    stefx.quantize(model, recipe, {"pixel_values": x}, report=False)
+    plan = model._stefx_plan
+    assert plan.capture.method == "export"
+    folds = {s.name: s.fold_bn for s in plan.sites if s.fold_bn}
+    stem = "resnet.embedder.embedder"
+    assert folds[f"{stem}.convolution"] == f"{stem}.normalization"
+    assert any(s.name == f"{stem}.activation" and s.output_activations for s in plan.sites)
+    assert type(model) is ResNetForImageClassification
+    logits = model(pixel_values=x).logits
+    assert logits.shape == float_logits.shape and not torch.equal(logits, float_logits)
