@@ -96,6 +96,26 @@ def profile(
     plan = _resolve_plan(model, cap, recipe, plan)
     device = load_hardware(hardware)
     table = load_energy_table(energy)
+    costed = _cost_ops(model, cap, plan, device, table, causal_halving)
+    samples, tokens = _input_sizes(model, example_inputs)
+    report = Report.build(
+        costed,
+        cap,
+        plan,
+        device,
+        table,
+        model_name=type(model).__name__,
+        samples=samples,
+        tokens=tokens,
+    )
+    if measure:
+        report.measured = measure_model(model, example_inputs, report.rows)
+    return report
+
+
+def _cost_ops(model, cap: Capture, plan, device, table, causal_halving: bool) -> list[OpCost]:
+    """Cost every op before and after the plan, with hardware estimates; annotate
+    ``node.meta["stefx.cost"]`` on the analysis graph."""
     nodes = {id(n.meta["stefx.op"]): n for n in cap.graph.nodes if "stefx.op" in n.meta}
     ops, nodes = _without_quantizer_params(cap.ops, nodes, model)
     bits = plan_bits(plan, ops, model) if plan is not None else {}
@@ -137,20 +157,7 @@ def profile(
                 params=_canonical(op, cap.tied_params),
             )
         )
-    samples, tokens = _input_sizes(model, example_inputs)
-    report = Report.build(
-        costed,
-        cap,
-        plan,
-        device,
-        table,
-        model_name=type(model).__name__,
-        samples=samples,
-        tokens=tokens,
-    )
-    if measure:
-        report.measured = measure_model(model, example_inputs, report.rows)
-    return report
+    return costed
 
 
 _HOOK_DICTS = (
