@@ -22,6 +22,7 @@ from torch.fx.operator_schemas import get_signature_for_torch_op
 from stefx.capture.graph import OpNode, Shape
 from stefx.capture.kinds import (
     MATMUL_KINDS,
+    MODULE_WEIGHT_KINDS,
     SKIPPED,
     WEIGHT_KINDS,
     base_name,
@@ -357,21 +358,28 @@ def opaque_inner_ops(
     leaf: str, view: ModelView, shapes: dict[str, tuple[Any, Any]] | None = None
 ) -> list[OpNode]:
     """OpNodes for the weight-carrying modules (and 3D expert tensors) inside an opaque leaf.
+    A module stefx keeps whole (Linear, LSTM, MultiheadAttention...) is one op with all
+    its parameters, as when it is called from a traced graph: its children are not
+    listed again.
 
     They are not graph nodes (their ``name`` is ``"<leaf>::<fqn>"``) but let later steps
     see, cover or report every weight inside a region stefx could not trace. ``shapes``
     maps a module FQN to the (input, output) tensors a forward hook saw, when it ran.
     """
     ops = []
+    owners: list[str] = []  # weight modules whose children are read by their own code
     for fqn, module in view.modules.items():
         if not (fqn == leaf or fqn.startswith(f"{leaf}.") or (leaf == "" and fqn)):
             continue
+        if any(fqn.startswith(f"{o}.") for o in owners):
+            continue  # nn.MultiheadAttention reads out_proj.weight itself: one op, its own
         kind = kind_of_module(module)
         seen = (shapes or {}).get(fqn, (None, None))
-        if kind in WEIGHT_KINDS and fqn != leaf:
+        if kind in MODULE_WEIGHT_KINDS and fqn != leaf:
+            owners.append(fqn)
             params, buffers = _module_tensors(module, fqn)
             ops.append(_inner_op(leaf, fqn, kind, params, buffers, seen, view))
-        elif kind not in WEIGHT_KINDS:
+        elif kind not in MODULE_WEIGHT_KINDS:
             for name, p in module.named_parameters(recurse=False):
                 if p.dim() >= 3:  # a fused expert tensor read by the module's own code
                     params = {"weight": f"{fqn}.{name}" if fqn else name}

@@ -23,6 +23,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_map
 
+from stefx.capture.kinds import kind_of_module
 from stefx.errors import CaptureError
 
 __all__ = ["StefxTracer", "TraceFailure", "propagate_shapes", "run_args", "trace_with_leaves"]
@@ -53,9 +54,14 @@ class StefxTracer(fx.Tracer):
         self.failed: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.opaque or super().is_leaf_module(
-            m, module_qualified_name
-        )
+        if module_qualified_name in self.opaque:
+            return True
+        if not super().is_leaf_module(m, module_qualified_name):
+            return False
+        # fx keeps every torch.nn module whole. That suits an op stefx knows (Linear,
+        # LSTM...) or one with no children, but a torch.nn container such as
+        # TransformerEncoder would hide its Linear layers: trace into it instead.
+        return kind_of_module(m) != "other" or next(m.children(), None) is None
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
