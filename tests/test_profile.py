@@ -28,6 +28,7 @@ MATMUL_FAMILY = (
     "sdpa",
     "lstm",
     "gru",
+    "attention",
 )
 
 
@@ -268,3 +269,18 @@ def test_measure_times_real_model():
     assert set(m["layers"]) >= {"fc1", "fc2"}
     assert "measured" in str(rep) and "estimate" in str(rep)
     assert rep.to_dict()["totals"]["before"]["measured_latency_s"] == m["latency_s"]
+
+
+def test_torch_transformer_encoder_is_counted_inside_its_opaque_container():
+    """nn.TransformerEncoder cannot be traced (control flow), so it stays opaque, but the
+    modules inside it are costed from the shapes they ran with: the total equals torch's
+    counter (on meta, where it counts the attention kernel too)."""
+    model, inputs = PLAIN_ZOO["torch_transformer"]()
+    rep = profile(model, inputs)
+    by_kind = _macs_by_kind(rep)
+    batch, seq, embed, ffn, layers = 2, 6, 16, 32, 2
+    tokens = batch * seq
+    attention = layers * (tokens * 3 * embed * embed + tokens * seq * embed * 2 + tokens * embed**2)
+    assert by_kind["attention"] == attention  # closed form: in_proj, QK^T + PV, out_proj
+    assert by_kind["linear"] == layers * 2 * tokens * embed * ffn + tokens * embed * 5
+    assert sum(by_kind.values()) == _torch_macs(model, inputs)

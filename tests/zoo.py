@@ -202,6 +202,21 @@ class WithDataDependent(nn.Module):
         return self.out(torch.relu(self.block(self.inp(x))))
 
 
+class TorchTransformer(nn.Module):
+    """torch.nn's own TransformerEncoder: a torch.nn container (fx would keep it whole)
+    holding nn.MultiheadAttention, whose out_proj Linear is never called as a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids)))
+
+
 def _seeded(make: Callable[[], nn.Module]) -> nn.Module:
     torch.manual_seed(0)
     return make()
@@ -243,6 +258,10 @@ def data_dependent() -> Built:
     return _seeded(WithDataDependent), (torch.randn(3, 8),)
 
 
+def torch_transformer() -> Built:
+    return _seeded(TorchTransformer), (torch.randint(0, 50, (2, 6)),)
+
+
 PLAIN_ZOO: dict[str, Callable[[], Built]] = {
     "residual_cnn": residual_cnn,
     "grouped_conv": grouped_conv,
@@ -253,6 +272,7 @@ PLAIN_ZOO: dict[str, Callable[[], Built]] = {
     "lstm": lstm,
     "gru": gru,
     "data_dependent": data_dependent,
+    "torch_transformer": torch_transformer,
 }
 
 

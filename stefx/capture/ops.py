@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.operator_schemas import get_signature_for_torch_op
+from torch.utils._pytree import tree_leaves
 
 from stefx.capture.graph import OpNode, Shape
 from stefx.capture.kinds import (
@@ -409,7 +410,9 @@ def _inner_op(
         module_type=type(module).__name__,
         module_stack=tuple((m, type(view.modules[m]).__name__) for m in _chain(fqn)),
         params=params,
-        input_shapes=(shape_of(_first_tensor(seen[0])),) if seen[0] is not None else (),
+        input_shapes=tuple(
+            shape_of(t) for t in tree_leaves(seen[0]) if isinstance(t, torch.Tensor)
+        ),  # every tensor argument: nn.MultiheadAttention's cost reads query, key, value
         output_shape=shape_of(_first_tensor(seen[1])),
         dtype=str(_first_tensor(seen[1]).dtype) if _first_tensor(seen[1]) is not None else "",
         attrs=attrs,
