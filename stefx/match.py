@@ -135,11 +135,15 @@ def _type_names(module: nn.Module | None) -> tuple[str, ...]:
     return tuple(c.__name__ for c in type(module).__mro__ if c not in (nn.Module, object))
 
 
-def _local_param(model_params: dict, module: nn.Module, prefix: str, fqn: str) -> str | None:
-    """Name under ``module`` of the parameter ``fqn`` (tied weights have another FQN)."""
+def _local_param(
+    model_params: dict, module: nn.Module, prefix: str, fqn: str, nested: bool = False
+) -> str | None:
+    """Name under ``module`` of the parameter ``fqn`` (tied weights have another FQN).
+    ``nested``: a child's parameter the module's own code reads (``out_proj.weight`` of
+    nn.MultiheadAttention) counts as the module's."""
     if prefix and fqn.startswith(prefix + "."):
         local = fqn[len(prefix) + 1 :]
-        if "." not in local:
+        if nested or "." not in local:
             return local
     target = model_params.get(fqn)
     for name, p in module.named_parameters(recurse=False):
@@ -204,12 +208,12 @@ def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
         weights = []
         if module is not None and kind is not None:
             for fqn in op.params.values():
-                local = _local_param(params, module, op.module, fqn)
-                if local is not None and getattr(module, local).dim() >= 2:
+                local = _local_param(params, module, op.module, fqn, kind == "attention")
+                if local is not None and module.get_parameter(local).dim() >= 2:
                     weights.append(local)
         ordinal = ordinals.get(id(op))
         if weights:
-            axes = {w: _expert_in_axis(op, tuple(getattr(module, w).shape)) for w in weights}
+            axes = {w: _expert_in_axis(op, tuple(module.get_parameter(w).shape)) for w in weights}
             axes = axes if kind == "experts" else {}
             # One candidate per (module, kind): a module that runs, say, an embedding and a
             # linear on its own parameters offers both to the rules.

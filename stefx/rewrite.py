@@ -116,12 +116,24 @@ def fold_scale(bn: nn.Module, axis: int, weight: torch.Tensor) -> torch.Tensor:
     return s.reshape(shape)
 
 
+def quantizer_name(param: str) -> str:
+    """The submodule holding a weight's quantizer: ``weight`` -> ``weight_quantizer``,
+    ``out_proj.weight`` (a child's weight the module reads) -> ``out_proj_weight_quantizer``."""
+    return f"{param.replace('.', '_')}_quantizer"
+
+
+def _slot(module: nn.Module, param: str) -> tuple[nn.Module, str]:
+    """The module that holds ``param`` in its ``_parameters``, and the key there."""
+    owner, _, name = param.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), name
+
+
 def _build(site: Site, module: nn.Module, bn: nn.Module | None = None) -> dict[str, nn.Module]:
     """The quantizer submodules a site needs, initialised; raises before anything mutates."""
     built: dict[str, nn.Module] = {}
     where = f"site {site.name!r} (rule {','.join(map(str, site.rules))})"
     for p in site.params:
-        param = getattr(module, p)
+        param = module.get_parameter(p)
         spec = weight_spec(site.weights, param.shape, site.kind, site.expert_in_axis.get(p))
         q = make_quantizer(spec, f"{where} weights")
         try:
@@ -133,7 +145,7 @@ def _build(site: Site, module: nn.Module, bn: nn.Module | None = None) -> dict[s
             if bn is not None and p == "weight":
                 w = w * fold_scale(bn, fold_axis(module, bn, where), w)
             q.init_from(w)
-        built[f"{p}_quantizer"] = q
+        built[quantizer_name(p)] = q
     if site.is_op_site:
         if site.input_activations is not None:
             for i, _ in enumerate(operand_positions(site.kind, site.operands)):
@@ -229,16 +241,15 @@ def _attach(site: Site, module: nn.Module, built: dict[str, nn.Module]) -> None:
 
 
 def _quantize_first_input(q: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor):
-            if a.is_floating_point():
-                args = (*args[:i], q(a), *args[i + 1 :])
-            return args, kwargs
-    for k, v in kwargs.items():
-        if isinstance(v, torch.Tensor):
-            if v.is_floating_point():
-                kwargs = {**kwargs, k: q(v)}
-            return args, kwargs
+    """Quantize the module's input: its first tensor argument, and every other argument
+    that is the same tensor (self-attention passes x as query, key and value: all three
+    must see the one quantized x, and nn.MultiheadAttention's ``query is key`` holds)."""
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if first is None or not first.is_floating_point():
+        return args, kwargs
+    y = q(first)
+    args = tuple(y if a is first else a for a in args)
+    kwargs = {k: (y if v is first else v) for k, v in kwargs.items()}
     return args, kwargs
 
 
@@ -254,15 +265,16 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
 
 def _quantize_inputs(module: nn.Module, state: _ModuleState, args: tuple, kwargs: dict):
     for p in state.params:
-        latent = module._parameters[p]
+        owner, key = _slot(module, p)
+        latent = owner._parameters[key]
         state.latent[p] = latent
-        q = getattr(module, f"{p}_quantizer")
+        q = getattr(module, quantizer_name(p))
         fold = state.fold.get(p)
         if fold is not None and q.enabled and q.strength:
             s = fold_scale(*fold, latent)
-            module._parameters[p] = q(latent * s) / s
+            owner._parameters[key] = q(latent * s) / s
         else:
-            module._parameters[p] = q(latent)
+            owner._parameters[key] = q(latent)
     if state.has_input:
         args, kwargs = _quantize_first_input(module.input_quantizer, args, kwargs)
     return args, kwargs
@@ -273,13 +285,19 @@ def _post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
     if state.interceptor is not None:
         state.interceptor.__exit__(None, None, None)
         state.interceptor = None
-    for p, latent in state.latent.items():
-        module._parameters[p] = latent
-    state.latent.clear()
+    _restore(module, state)
     if state.has_output and isinstance(output, torch.Tensor) and output.is_floating_point():
         with quiet:
             return module.output_quantizer(output)
     return output
+
+
+def _restore(module: nn.Module, state: _ModuleState) -> None:
+    """Put the latent float parameters back after a forward (or on dequantize)."""
+    for p, latent in state.latent.items():
+        owner, key = _slot(module, p)
+        owner._parameters[key] = latent
+    state.latent.clear()
 
 
 def _suspend(owner: nn.Module, child: nn.Module, args: tuple) -> None:
@@ -308,8 +326,7 @@ def dequantize(model: nn.Module) -> nn.Module:
         state: _ModuleState = getattr(module, STATE_ATTR)
         for h in (*state.handles, *state.child_handles):
             h.remove()
-        for p, latent in state.latent.items():
-            module._parameters[p] = latent
+        _restore(module, state)
         for name in state.added:
             delattr(module, name)
         object.__delattr__(module, STATE_ATTR)
