@@ -196,3 +196,27 @@ def test_plot_writes_a_png(mlp_report, tmp_path):
     path = mlp_report.plot(tmp_path / "p.png")
     data = Path(path).read_bytes()
     assert data[:4] == b"\x89PNG" and len(data) > 5000
+
+
+def test_not_covered_lists_weights_of_modules_that_did_not_run():
+    from torch import nn
+
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.rare, self.out = nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.fc(x)
+            if y.sum() > 1e9:  # never taken on these inputs
+                y = self.rare(y)[:, :4]
+            return self.out(y)
+
+    import torch
+
+    rep = profile(Branch(), (torch.randn(2, 4),), recipe="w4a8")
+    entries = {n["param"]: n for n in rep.not_covered}
+    assert entries["rare.weight"]["op"] == "did not run"
+    assert entries["rare.weight"]["bytes"] == 6 * 4 * 4
+    assert "fc.weight" not in entries and "out.weight" not in entries
+    assert "rare.weight" in str(rep).split("not covered")[1]

@@ -108,9 +108,41 @@ def profile(
         samples=samples,
         tokens=tokens,
     )
+    report.not_covered += _not_run(model, cap)
     if measure:
         report.measured = measure_model(model, example_inputs, report.rows)
     return report
+
+
+def _not_run(model: nn.Module, cap: Capture) -> list[dict[str, Any]]:
+    """Weights of modules no captured op reads: they did not run on the example inputs
+    (a branch not taken), so no recipe reached them either."""
+    from stefx.capture.kinds import kind_of_module
+
+    read = {fqn for op in cap.ops for fqn in op.params.values()}
+    read |= {cap.tied_params.get(fqn, fqn) for fqn in read}
+    out = []
+    for name, module in model.named_modules():
+        if kind_of_module(module) not in MODULE_WEIGHT_KINDS:
+            continue
+        for local, p in module.named_parameters(recurse=True):
+            fqn = f"{name}.{local}" if name else local
+            if p.dim() < 2 or fqn in read or cap.tied_params.get(fqn, fqn) in read:
+                continue
+            bits = dtype_bits(str(p.dtype))
+            out.append(
+                {
+                    "param": fqn,
+                    "module": name,
+                    "op": "did not run",
+                    "shape": tuple(p.shape),
+                    "params": p.numel(),
+                    "bytes": p.numel() * bits / 8,
+                    "aliases": [],
+                    "partly_quantized": False,
+                }
+            )
+    return out
 
 
 def _cost_ops(model, cap: Capture, plan, device, table, causal_halving: bool) -> list[OpCost]:
