@@ -91,7 +91,7 @@ class Plan:
         """One row per site, for printing (``stefx.explain``)."""
         return [
             {
-                "site": s.name,
+                "site": s.name or "(the model itself)",  # raw parameters of the root
                 "kind": s.kind,
                 "type": s.module_type,
                 "weights": (_spec_text(s.weights) if s.params else "-")
