@@ -112,7 +112,16 @@ def _torch_macs(model: nn.Module, inputs) -> int:
     raise AssertionError("unreachable")
 
 
-FAST = ["mlp", "residual_cnn", "grouped_conv", "conv_transpose", "functional", "plain_vit", "lstm"]
+FAST = [
+    "mlp",
+    "residual_cnn",
+    "grouped_conv",
+    "conv_transpose",
+    "functional",
+    "plain_vit",
+    "lstm",
+    "unet",
+]
 SLOW = ["llama", "gpt2", "bert"]
 
 

@@ -202,6 +202,39 @@ class WithDataDependent(nn.Module):
         return self.out(torch.relu(self.block(self.inp(x))))
 
 
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, channels // 2, 1)
+        self.expand = nn.Conv2d(channels // 2, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(s))))
+
+
+class UNet(nn.Module):
+    """Encoder-decoder: strided conv down, squeeze-excite gate, ConvTranspose + BN up,
+    a concatenated skip connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.down2 = nn.Sequential(
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        )
+        self.gate = SqueezeExcite(16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.up_bn = nn.BatchNorm2d(8)
+        self.out = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.down1(x)
+        y = self.gate(self.down2(skip))
+        y = F.relu(self.up_bn(self.up(y)))
+        return self.out(torch.cat([skip, y], dim=1))
+
+
 class TorchTransformer(nn.Module):
     """torch.nn's own TransformerEncoder: a torch.nn container (fx would keep it whole)
     holding nn.MultiheadAttention, whose out_proj Linear is never called as a module."""
@@ -258,6 +291,10 @@ def data_dependent() -> Built:
     return _seeded(WithDataDependent), (torch.randn(3, 8),)
 
 
+def unet() -> Built:
+    return _seeded(UNet), (torch.randn(2, 3, 16, 16),)
+
+
 def torch_transformer() -> Built:
     return _seeded(TorchTransformer), (torch.randint(0, 50, (2, 6)),)
 
@@ -273,6 +310,7 @@ PLAIN_ZOO: dict[str, Callable[[], Built]] = {
     "gru": gru,
     "data_dependent": data_dependent,
     "torch_transformer": torch_transformer,
+    "unet": unet,
 }
 
 
