@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from stefx.capture.graph import Capture, OpNode
-from stefx.capture.kinds import FUNCTIONAL_KINDS, MATMUL_KINDS, MODULE_WEIGHT_KINDS
+from stefx.capture.kinds import FUNCTIONAL_KINDS, MATMUL_KINDS, MODULE_WEIGHT_KINDS, kind_of_module
 from stefx.pattern import Chains, bn_to_fold, chain_ends, find_chains
 from stefx.recipe import FIELDS, FLOAT, Recipe, Rule
 from stefx.ste.spec import QuantSpec
@@ -71,6 +71,7 @@ class Site:
     operands: int = 0  # op sites: number of tensor inputs of the op
     expert_in_axis: dict[str, int] = field(default_factory=dict)  # experts: param -> in axis
     fold_bn: str = ""  # FQN of the BatchNorm folded into the weights while training (QAT)
+    ran: bool = True  # False: the module did not run on the example inputs
 
     @property
     def is_op_site(self) -> bool:
@@ -92,7 +93,7 @@ class Plan:
         return [
             {
                 "site": s.name or "(the model itself)",  # raw parameters of the root
-                "kind": s.kind,
+                "kind": s.kind if s.ran else f"{s.kind} (did not run)",
                 "type": s.module_type,
                 "weights": (_spec_text(s.weights) if s.params else "-")
                 + (f" +folds {s.fold_bn}" if s.fold_bn else ""),
@@ -238,6 +239,35 @@ def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
         elif ordinal is not None and not op.params and op.kind in FUNCTIONAL_KINDS:
             name = op_site_name(op, ordinal)
             out.append(Candidate(name, op.kind, op.module, _type_names(module), (), ordinal, op))
+    return out + _not_run(capture, model, {m for m, _ in slots})
+
+
+def _not_run(capture: Capture, model: nn.Module, seen: set[str]) -> list[Candidate]:
+    """Weight modules no captured op reads - a branch the example inputs did not take, an
+    MoE expert no token was routed to. ``targets`` still select them (a rule for Linear
+    means every Linear); they come after the run order and carry no op."""
+    tied = capture.tied_params
+    read = {f for op in capture.ops for f in op.params.values()}
+    read |= {tied.get(f, f) for f in read}
+    out: list[Candidate] = []
+    owners: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{o}.") for o in owners):
+            continue  # read by its owner's own code (nn.MultiheadAttention's out_proj)
+        kind = kind_of_module(module)
+        if kind not in MODULE_WEIGHT_KINDS:
+            continue
+        owners.append(name)
+        if name in seen:
+            continue
+        kind = "linear" if kind in MATMUL_KINDS and kind != "experts" else kind  # HF Conv1D
+        weights = tuple(
+            local
+            for local, p in module.named_parameters(recurse=kind == "attention")
+            if p.dim() >= 2 and not {f"{name}.{local}".lstrip("."), tied.get(local)} & read
+        )
+        if weights:
+            out.append(Candidate(name, kind, name, _type_names(module), weights))
     return out
 
 
@@ -290,10 +320,9 @@ def _rule_selection(
     chosen = [(c, ch) for c, ch in chosen if not any(selects(t, c) for t in rule.ignore)]
     if rule.within is not None:
         chosen = [(c, ch) for c, ch in chosen if _within(rule.within, c)]
-    if rule.position == "first":
-        chosen = chosen[:1]
-    elif rule.position == "last":
-        chosen = chosen[-1:]
+    if rule.position is not None:  # first/last in run order: of the sites that ran
+        ran = [(c, ch) for c, ch in chosen if c.op is not None]
+        chosen = ran[:1] if rule.position == "first" else ran[-1:]
     return chosen
 
 
@@ -380,6 +409,7 @@ def match(recipe: Recipe, capture: Capture, model: nn.Module) -> Plan:
                 expert_in_axis=cand.expert_in_axis,
                 operands=sum(s is not None for s in cand.op.input_shapes) if cand.op else 0,
                 fold_bn=str(entry.get("fold_bn", "")) if specs["weights"] is not None else "",
+                ran=cand.op is not None,
                 **specs,
             )
         )

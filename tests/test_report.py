@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
+import stefx
 from stefx.errors import StefxError
 from stefx.profile import profile
 from stefx.profile.report import METRICS, block_of
@@ -198,25 +201,37 @@ def test_plot_writes_a_png(mlp_report, tmp_path):
     assert data[:4] == b"\x89PNG" and len(data) > 5000
 
 
-def test_not_covered_lists_weights_of_modules_that_did_not_run():
-    from torch import nn
+class _Branch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.rare, self.out = nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(4, 2)
 
-    class Branch(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.rare, self.out = nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(4, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if y.sum() > 1e9:  # never taken on the example inputs
+            y = self.rare(y)[:, :4]
+        return self.out(y)
 
-        def forward(self, x):
-            y = self.fc(x)
-            if y.sum() > 1e9:  # never taken on these inputs
-                y = self.rare(y)[:, :4]
-            return self.out(y)
 
-    import torch
-
-    rep = profile(Branch(), (torch.randn(2, 4),), recipe="w4a8")
+def test_modules_that_did_not_run_are_still_targeted_or_listed():
+    x = torch.randn(2, 4)
+    named = {"name": "n", "rules": [{"targets": ["fc", "out"], "weights": {"type": "uniform"}}]}
+    rep = profile(_Branch(), (x,), recipe=named)
     entries = {n["param"]: n for n in rep.not_covered}
     assert entries["rare.weight"]["op"] == "did not run"
     assert entries["rare.weight"]["bytes"] == 6 * 4 * 4
     assert "fc.weight" not in entries and "out.weight" not in entries
     assert "rare.weight" in str(rep).split("not covered")[1]
+    # a rule for every Linear reaches it too: the branch is quantized when it is taken
+    model = _Branch()
+    plan = stefx.explain(model, "w4a8", (x,))
+    rare = next(s for s in plan.sites if s.name == "rare")
+    assert not rare.ran and rare.params == ("weight",) and "did not run" in str(plan)
+    stefx.quantize(model, "w4a8", (x,), report=False)
+    assert model.rare.weight_quantizer is not None
+    assert "rare.weight" not in {n["param"] for n in profile(model, (x,)).not_covered}
+    last = {
+        "name": "l",
+        "rules": [{"targets": ["linear"], "position": "last", "weights": {"type": "uniform"}}],
+    }
+    assert [s.name for s in stefx.explain(_Branch(), last, (x,)).sites] == ["out"]  # ran last

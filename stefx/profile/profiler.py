@@ -108,19 +108,21 @@ def profile(
         samples=samples,
         tokens=tokens,
     )
-    report.not_covered += _not_run(model, cap)
+    report.not_covered += _not_run(model, cap, plan)
     if measure:
         report.measured = measure_model(model, example_inputs, report.rows)
     return report
 
 
-def _not_run(model: nn.Module, cap: Capture) -> list[dict[str, Any]]:
-    """Weights of modules no captured op reads: they did not run on the example inputs
-    (a branch not taken), so no recipe reached them either."""
+def _not_run(model: nn.Module, cap: Capture, plan: Any) -> list[dict[str, Any]]:
+    """Weights of modules no captured op reads - they did not run on the example inputs
+    (a branch not taken) - that the plan does not quantize either."""
     from stefx.capture.kinds import kind_of_module
 
     read = {fqn for op in cap.ops for fqn in op.params.values()}
     read |= {cap.tied_params.get(fqn, fqn) for fqn in read}
+    if plan is not None:  # quantized although not run: covered, just not costed
+        read |= {f"{s.module}.{p}".lstrip(".") for s in plan.sites for p in s.params}
     out = []
     for name, module in model.named_modules():
         if kind_of_module(module) not in MODULE_WEIGHT_KINDS:
