@@ -1,5 +1,6 @@
 """Benchmark stefx.profile: time and peak memory on a Llama-3-8B-shaped meta model, and
-stefx's matmul-family MACs side by side with torch.utils.flop_counter over the test zoo.
+stefx's matmul-family MACs side by side with torch.utils.flop_counter (the tests' own
+reference, tests/flop_reference.py), fvcore and ptflops over the test zoo.
 
     .venv/bin/python benchmarks/bench_profile.py            # both parts
     .venv/bin/python benchmarks/bench_profile.py --llama    # the 8B profile only
@@ -153,56 +154,24 @@ def _optional_counters(model, args, kwargs) -> dict[str, str]:
 
 
 def run_zoo() -> None:
-    import copy
-
-    import torch
     from tabulate import tabulate
-    from torch.utils.flop_counter import FlopCounterMode
 
-    from stefx.capture.inputs import bind_inputs, example_inputs_for, is_hf_model
     from stefx.profile import profile
+    from tests.flop_reference import bound_inputs, macs_by_kind
+    from tests.flop_reference import torch_macs as reference_macs
     from tests.zoo import HF_ZOO, PLAIN_ZOO
 
-    kinds = {
-        "linear",
-        "addmm",
-        "conv",
-        "conv_transpose",
-        "matmul",
-        "mm",
-        "bmm",
-        "baddbmm",
-        "einsum",
-        "sdpa",
-        "lstm",
-        "gru",
-        "experts",
-    }
     rows = []
     for name, builder in {**PLAIN_ZOO, **HF_ZOO}.items():
         model, inputs = builder()
         t0 = time.perf_counter()
         rep = profile(model, inputs)
         dt = time.perf_counter() - t0
-        stefx_macs = sum(oc.before.macs for oc in rep.ops if oc.op.kind in kinds)
-        hf = is_hf_model(model)
-        args, kwargs = bind_inputs(
-            model,
-            inputs if inputs is not None else example_inputs_for(model),
-            {"use_cache": False} if hf else {},
-        )
-        torch_macs, where = None, ""
-        for device in ("meta", "cpu"):
-            try:
-                m = copy.deepcopy(model).to(device).eval()
-                a = tuple(x.to(device) if torch.is_tensor(x) else x for x in args)
-                k = {n: v.to(device) if torch.is_tensor(v) else v for n, v in kwargs.items()}
-                with FlopCounterMode(display=False) as counter, torch.no_grad():
-                    m(*a, **k)
-                torch_macs, where = counter.get_total_flops() // 2, device
-                break
-            except Exception:
-                continue
+        stefx_macs = sum(macs_by_kind(rep).values())
+        try:
+            torch_macs, where = reference_macs(model, inputs)
+        except Exception:
+            torch_macs, where = None, ""
         same = "yes" if stefx_macs == torch_macs else "no"
         why = ""
         if same == "no":
@@ -210,7 +179,7 @@ def run_zoo() -> None:
             moe = sum(oc.before.macs for oc in rep.ops if oc.op.kind == "experts")
             why = f"sdpa {sdpa}, experts {moe} (torch counts 0 for these kernels on CPU)"
         row = [name, stefx_macs, torch_macs, where, same, f"{dt:.2f}", why]
-        extra = _optional_counters(model, args, kwargs)
+        extra = _optional_counters(model, *bound_inputs(model, inputs))
         rows.append(row + list(extra.values()))
     headers = [
         "model",

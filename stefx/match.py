@@ -242,32 +242,44 @@ def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
     return out + _not_run(capture, model, {m for m, _ in slots})
 
 
-def _not_run(capture: Capture, model: nn.Module, seen: set[str]) -> list[Candidate]:
-    """Weight modules no captured op reads - a branch the example inputs did not take, an
-    MoE expert no token was routed to. ``targets`` still select them (a rule for Linear
-    means every Linear); they come after the run order and carry no op."""
+def unread_weights(capture: Capture, model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Weight modules whose >=2-D weights no captured op reads, with those weights' local
+    names: the module did not run on the example inputs (a branch not taken, an MoE expert
+    no token was routed to). A module kept whole owns its children's weights
+    (nn.MultiheadAttention's ``out_proj.weight``), as capture records it."""
     tied = capture.tied_params
     read = {f for op in capture.ops for f in op.params.values()}
     read |= {tied.get(f, f) for f in read}
-    out: list[Candidate] = []
+    out: dict[str, tuple[str, ...]] = {}
     owners: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(f"{o}.") for o in owners):
-            continue  # read by its owner's own code (nn.MultiheadAttention's out_proj)
-        kind = kind_of_module(module)
-        if kind not in MODULE_WEIGHT_KINDS:
+        if any(name.startswith(f"{o}.") for o in owners) or (
+            kind_of_module(module) not in MODULE_WEIGHT_KINDS
+        ):
             continue
         owners.append(name)
-        if name in seen:
-            continue
-        kind = "linear" if kind in MATMUL_KINDS and kind != "experts" else kind  # HF Conv1D
-        weights = tuple(
-            local
-            for local, p in module.named_parameters(recurse=kind == "attention")
-            if p.dim() >= 2 and not {f"{name}.{local}".lstrip("."), tied.get(local)} & read
-        )
+        weights = []
+        for local, p in module.named_parameters():
+            fqn = f"{name}.{local}".lstrip(".")
+            if p.dim() >= 2 and fqn not in read and tied.get(fqn, fqn) not in read:
+                weights.append(local)
         if weights:
-            out.append(Candidate(name, kind, name, _type_names(module), weights))
+            out[name] = tuple(weights)
+    return out
+
+
+def _not_run(capture: Capture, model: nn.Module, seen: set[str]) -> list[Candidate]:
+    """Candidates for modules that did not run (``unread_weights``): ``targets`` still
+    select them (a rule for Linear means every Linear); they come after the run order and
+    carry no op."""
+    out = []
+    for name, weights in unread_weights(capture, model).items():
+        if name in seen:  # it ran; some weight of it is just read by no op
+            continue
+        module = model.get_submodule(name)
+        kind = kind_of_module(module)
+        kind = "linear" if kind in MATMUL_KINDS and kind != "experts" else kind  # HF Conv1D
+        out.append(Candidate(name, kind, name, _type_names(module), weights))
     return out
 
 

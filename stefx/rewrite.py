@@ -128,8 +128,11 @@ def _slot(module: nn.Module, param: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(owner) if owner else module), name
 
 
-def _build(site: Site, module: nn.Module, bn: nn.Module | None = None) -> dict[str, nn.Module]:
-    """The quantizer submodules a site needs, initialised; raises before anything mutates."""
+def _build(
+    site: Site, module: nn.Module, fold: tuple[nn.Module, int] | None = None
+) -> dict[str, nn.Module]:
+    """The quantizer submodules a site needs, initialised; raises before anything mutates.
+    ``fold``: (BatchNorm, weight axis) folded into ``weight``."""
     built: dict[str, nn.Module] = {}
     where = f"site {site.name!r} (rule {','.join(map(str, site.rules))})"
     for p in site.params:
@@ -142,8 +145,8 @@ def _build(site: Site, module: nn.Module, bn: nn.Module | None = None) -> dict[s
             raise RecipeError(f"{where} weights {p} {tuple(param.shape)}: {e}") from None
         with torch.no_grad():
             w = param.detach()
-            if bn is not None and p == "weight":
-                w = w * fold_scale(bn, fold_axis(module, bn, where), w)
+            if fold is not None and p == "weight":
+                w = w * fold_scale(*fold, w)
             q.init_from(w)
         built[quantizer_name(p)] = q
     if site.is_op_site:
@@ -174,7 +177,7 @@ def _device_of(module: nn.Module) -> torch.device | None:
 def apply_plan(model: nn.Module, plan: Plan) -> list[str]:
     """Attach every site of ``plan`` to ``model``; return the names of modules touched."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    staged: list[tuple[Site, nn.Module, dict[str, nn.Module], nn.Module | None]] = []
+    staged: list[tuple[Site, nn.Module, dict[str, nn.Module], tuple | None]] = []
     io_taken: set[tuple[str, str]] = set()
     for site in plan.sites:
         module = modules[site.module]
@@ -182,8 +185,11 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[str]:
             raise RecipeError(
                 f"module {site.module!r} is already quantized; call stefx.dequantize(model) first"
             )
-        bn = modules[site.fold_bn] if site.fold_bn and "weight" in site.params else None
-        built = _build(site, module, bn)
+        fold = None
+        if site.fold_bn and "weight" in site.params:
+            bn = modules[site.fold_bn]
+            fold = (bn, fold_axis(module, bn, f"site {site.name!r}"))
+        built = _build(site, module, fold)
         device = _device_of(module)
         if device is not None:  # activation quantizers hold state too (LSQ step, PACT α)
             built = {name: q.to(device) for name, q in built.items()}
@@ -196,12 +202,12 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[str]:
             taken = [n for n in built if n.endswith("_quantizer") and hasattr(module, n)]
             if taken:
                 raise RecipeError(f"module {site.module!r} already has attributes {taken}")
-        staged.append((site, module, built, bn))
+        staged.append((site, module, built, fold))
     touched: list[str] = []
-    for site, module, built, bn in staged:  # nothing below can fail on valid input
+    for site, module, built, fold in staged:  # nothing below can fail on valid input
         _attach(site, module, built)
-        if bn is not None:
-            getattr(module, STATE_ATTR).fold["weight"] = (bn, fold_axis(module, bn, site.name))
+        if fold is not None:
+            getattr(module, STATE_ATTR).fold["weight"] = fold
         if site.module not in touched:
             touched.append(site.module)
     return touched

@@ -7,38 +7,12 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import stefx
-from stefx.capture.inputs import bind_inputs, example_inputs_for, is_hf_model
 from stefx.errors import StefxError
 from stefx.profile import profile
+from tests.flop_reference import macs_by_kind, torch_macs
 from tests.zoo import HF_ZOO, PLAIN_ZOO, build
-
-MATMUL_FAMILY = (
-    "linear",
-    "addmm",
-    "conv",
-    "conv_transpose",
-    "matmul",
-    "mm",
-    "bmm",
-    "baddbmm",
-    "einsum",
-    "sdpa",
-    "lstm",
-    "gru",
-    "attention",
-)
-
-
-def _macs_by_kind(report) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for oc in report.ops:
-        if oc.op.kind in MATMUL_FAMILY:
-            out[oc.op.kind] = out.get(oc.op.kind, 0) + oc.before.macs
-    return out
-
 
 # -- hand-worked: MLP fc1 Linear(16, 32), fc2 Linear(32, 4), input [4, 16] ---------------
 
@@ -90,28 +64,6 @@ def test_graph_nodes_annotated_before_and_after():
 # -- torch.utils.flop_counter agrees on matmul-family MACs -------------------------------
 
 
-def _torch_macs(model: nn.Module, inputs) -> int:
-    """FlopCounterMode's total / 2 on meta tensors, or on real ones where meta fails."""
-    hf = is_hf_model(model)
-    args, kwargs = bind_inputs(
-        model,
-        inputs if inputs is not None else example_inputs_for(model),
-        {"use_cache": False} if hf else {},
-    )
-    for device in ("meta", "cpu"):
-        try:
-            m = copy.deepcopy(model).to(device).eval()
-            a = tuple(x.to(device) if torch.is_tensor(x) else x for x in args)
-            k = {n: v.to(device) if torch.is_tensor(v) else v for n, v in kwargs.items()}
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                m(*a, **k)
-            return counter.get_total_flops() // 2
-        except Exception:
-            if device == "cpu":
-                raise
-    raise AssertionError("unreachable")
-
-
 FAST = [
     "mlp",
     "residual_cnn",
@@ -129,7 +81,7 @@ SLOW = ["llama", "gpt2", "bert"]
 def test_macs_equal_flop_counter_plain(name):
     model, inputs = PLAIN_ZOO[name]()
     rep = profile(model, inputs)
-    assert sum(_macs_by_kind(rep).values()) == _torch_macs(model, inputs) > 0
+    assert sum(macs_by_kind(rep).values()) == torch_macs(model, inputs)[0] > 0
 
 
 @pytest.mark.slow
@@ -137,7 +89,7 @@ def test_macs_equal_flop_counter_plain(name):
 def test_macs_equal_flop_counter_hf(name):
     model, inputs = HF_ZOO[name]()
     rep = profile(model, inputs)
-    assert sum(_macs_by_kind(rep).values()) == _torch_macs(model, inputs) > 0
+    assert sum(macs_by_kind(rep).values()) == torch_macs(model, inputs)[0] > 0
 
 
 @pytest.mark.slow
@@ -146,9 +98,9 @@ def test_documented_difference_sdpa_on_cpu():
     (docs: costs.py). The difference is exactly stefx's SDPA MACs."""
     model, inputs = HF_ZOO["qwen3"]()
     rep = profile(model, inputs)
-    by_kind = _macs_by_kind(rep)
+    by_kind = macs_by_kind(rep)
     assert by_kind["sdpa"] > 0
-    assert sum(by_kind.values()) - by_kind["sdpa"] == _torch_macs(model, inputs)
+    assert sum(by_kind.values()) - by_kind["sdpa"] == torch_macs(model, inputs)[0]
 
 
 # -- meta vs real tensors ----------------------------------------------------------------
@@ -286,10 +238,10 @@ def test_torch_transformer_encoder_is_counted_inside_its_opaque_container():
     counter (on meta, where it counts the attention kernel too)."""
     model, inputs = PLAIN_ZOO["torch_transformer"]()
     rep = profile(model, inputs)
-    by_kind = _macs_by_kind(rep)
+    by_kind = macs_by_kind(rep)
     batch, seq, embed, ffn, layers = 2, 6, 16, 32, 2
     tokens = batch * seq
     attention = layers * (tokens * 3 * embed * embed + tokens * seq * embed * 2 + tokens * embed**2)
     assert by_kind["attention"] == attention  # closed form: in_proj, QK^T + PV, out_proj
     assert by_kind["linear"] == layers * 2 * tokens * embed * ffn + tokens * embed * 5
-    assert sum(by_kind.values()) == _torch_macs(model, inputs)
+    assert sum(by_kind.values()) == torch_macs(model, inputs)[0]

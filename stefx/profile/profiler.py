@@ -8,6 +8,7 @@ on the analysis graph and returns a :class:`~stefx.profile.report.Report`. It ne
 changes the model; it runs it only when ``measure=True`` (real tensors, timing hooks that
 are removed afterwards).
 
+>>> import torch
 >>> from torch import nn
 >>> rep = profile(nn.Sequential(nn.Linear(4, 8)), (torch.randn(2, 4),), recipe="w4a8")
 >>> rep.totals["before"]["macs"], rep.totals["after"]["bops"]
@@ -16,27 +17,23 @@ are removed afterwards).
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from stefx.capture.graph import Capture, OpNode
 from stefx.capture.kinds import FUNCTIONAL_KINDS, MODULE_WEIGHT_KINDS
 from stefx.errors import CaptureError, StefxError
-from stefx.match import module_op_kind, op_sites
+from stefx.match import module_op_kind, op_sites, unread_weights
 from stefx.profile.costs import Cost, cost_of, dtype_bits
 from stefx.profile.hardware import energy, load_energy_table, load_hardware, roofline_latency
-from stefx.profile.report import LayerRow, OpCost, Report
+from stefx.profile.measure import input_sizes, measure_model
+from stefx.profile.report import OpCost, Report
 
 __all__ = ["OpBits", "profile"]
-
-MEASURE_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -97,7 +94,7 @@ def profile(
     device = load_hardware(hardware)
     table = load_energy_table(energy)
     costed = _cost_ops(model, cap, plan, device, table, causal_halving)
-    samples, tokens = _input_sizes(model, example_inputs)
+    samples, tokens = input_sizes(model, example_inputs)
     report = Report.build(
         costed,
         cap,
@@ -115,23 +112,20 @@ def profile(
 
 
 def _not_run(model: nn.Module, cap: Capture, plan: Any) -> list[dict[str, Any]]:
-    """Weights of modules no captured op reads - they did not run on the example inputs
-    (a branch not taken) - that the plan does not quantize either."""
-    from stefx.capture.kinds import kind_of_module
-
-    read = {fqn for op in cap.ops for fqn in op.params.values()}
-    read |= {cap.tied_params.get(fqn, fqn) for fqn in read}
-    if plan is not None:  # quantized although not run: covered, just not costed
-        read |= {f"{s.module}.{p}".lstrip(".") for s in plan.sites for p in s.params}
+    """Weights of modules that did not run on the example inputs (``unread_weights``)
+    and that the plan does not quantize either; quantized ones are covered, just not
+    costed."""
+    quantized = (
+        {f"{s.module}.{p}".lstrip(".") for s in plan.sites for p in s.params} if plan else set()
+    )
     out = []
-    for name, module in model.named_modules():
-        if kind_of_module(module) not in MODULE_WEIGHT_KINDS:
-            continue
-        for local, p in module.named_parameters(recurse=True):
-            fqn = f"{name}.{local}" if name else local
-            if p.dim() < 2 or fqn in read or cap.tied_params.get(fqn, fqn) in read:
+    for name, weights in unread_weights(cap, model).items():
+        module = model.get_submodule(name)
+        for local in weights:
+            fqn = f"{name}.{local}".lstrip(".")
+            if fqn in quantized:
                 continue
-            bits = dtype_bits(str(p.dtype))
+            p = module.get_parameter(local)
             out.append(
                 {
                     "param": fqn,
@@ -139,7 +133,7 @@ def _not_run(model: nn.Module, cap: Capture, plan: Any) -> list[dict[str, Any]]:
                     "op": "did not run",
                     "shape": tuple(p.shape),
                     "params": p.numel(),
-                    "bytes": p.numel() * bits / 8,
+                    "bytes": p.numel() * dtype_bits(str(p.dtype)) / 8,
                     "aliases": [],
                     "partly_quantized": False,
                 }
@@ -380,96 +374,3 @@ def row_names(ops: list[OpNode], model: nn.Module) -> dict[int, str]:
         else:
             out[id(op)] = op.module if not inner or op.module else str(inner)
     return out
-
-
-# -- measurement ---------------------------------------------------------------------------
-
-
-def _bound_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
-    from stefx.capture.inputs import bind_inputs, example_inputs_for, is_hf_model
-
-    hf = is_hf_model(model)
-    if example_inputs is None:
-        if not hf:
-            raise StefxError("profile(measure=True) needs example_inputs for a plain model")
-        example_inputs = example_inputs_for(model)
-    return bind_inputs(model, example_inputs, {"use_cache": False} if hf else {})
-
-
-def _input_sizes(model: nn.Module, example_inputs: Any) -> tuple[int, int | None]:
-    """(samples, tokens) of the inputs the profile describes, for estimated throughput."""
-    try:
-        return _sizes(*_bound_inputs(model, example_inputs))
-    except Exception:  # no inputs to read a batch from: per-sample numbers
-        return 1, None
-
-
-def _sizes(args: tuple, kwargs: dict) -> tuple[int, int | None]:
-    """(samples, tokens or None): batch of the first tensor input; tokens for [B, T] ids."""
-    first = next(
-        (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None
-    )
-    if first is None:
-        return 1, None
-    tokens = first.numel() if not first.is_floating_point() and first.dim() >= 2 else None
-    return first.shape[0], tokens
-
-
-def measure_model(model: nn.Module, example_inputs: Any, rows: list[LayerRow]) -> dict:
-    """Median wall time of ``MEASURE_RUNS`` forward passes after one warm-up, in eval mode
-    and without autograd, plus per-module times from forward hooks (removed afterwards)."""
-    args, kwargs = _bound_inputs(model, example_inputs)
-    wanted = {r.name for r in rows}
-    per_module: dict[str, list[float]] = {}
-    starts: dict[str, float] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if name in wanted and name:
-            handles.append(module.register_forward_pre_hook(_start(name, starts)))
-            handles.append(module.register_forward_hook(_stop(name, starts, per_module)))
-    training = model.training
-    model.eval()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times = []
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)  # warm-up
-            per_module.clear()
-            for _ in range(MEASURE_RUNS):
-                sync()
-                t0 = time.perf_counter()
-                model(*args, **kwargs)
-                sync()
-                times.append(time.perf_counter() - t0)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(training)
-    latency = statistics.median(times)
-    samples, tokens = _sizes(args, kwargs)
-    layers = {n: statistics.median(v) for n, v in per_module.items()}
-    return {
-        "latency_s": latency,
-        "samples_per_s": samples / latency,
-        "tokens_per_s": tokens / latency if tokens else None,
-        "runs": MEASURE_RUNS,
-        "layers": layers,
-        "device": str(next(model.parameters()).device)
-        if any(True for _ in model.parameters())
-        else "cpu",
-    }
-
-
-def _start(name: str, starts: dict[str, float]):
-    def hook(module, args):
-        starts[name] = time.perf_counter()
-
-    return hook
-
-
-def _stop(name: str, starts: dict[str, float], out: dict[str, list[float]]):
-    def hook(module, args, output):
-        if name in starts:
-            out.setdefault(name, []).append(time.perf_counter() - starts.pop(name))
-
-    return hook
