@@ -17,7 +17,6 @@ from stefx.ste.binary import (
     SignEstimator,
     ede_params,
     register_sign_estimator,
-    scaled_sign,
 )
 from tests.ste_support import grad_of, matrices, saved_during_forward, special
 
@@ -115,15 +114,6 @@ def test_channel_axis_0_of_a_conv_weight():
     y = make(scale="absmean", strategy="channel")(w)
     expected = torch.tensor([2.0, -2.0, 2.0, 2.0, -0.25, 0.25, 0.25, -0.25]).reshape(2, 1, 2, 2)
     assert torch.equal(y, expected)
-
-
-def test_scaled_sign_function():
-    x = torch.tensor([[-0.5, 0.0, 2.0], [3.0, -1.0, 0.5]], requires_grad=True)
-    y = scaled_sign(x, torch.tensor([2.0, 0.5]), "approx_sign")
-    assert y.tolist() == [[-2.0, 2.0, 2.0], [0.5, -0.5, 0.5]]
-    y.sum().backward()
-    # α·(2 - 2|x|)·1{|x| <= 1}; α is a plain input here, so no mean term.
-    assert x.grad.tolist() == [[2.0, 4.0, 0.0], [0.0, 0.0, 0.5]]
 
 
 def test_scale_none_ignores_the_strategy():

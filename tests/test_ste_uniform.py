@@ -298,10 +298,25 @@ def saved_by_backward(q: UniformQuantizer, x: torch.Tensor) -> list[torch.Tensor
 
 
 @pytest.mark.parametrize("strategy", ["tensor", "channel", "token"])
-def test_clipped_saves_only_a_bool_mask(strategy):
+def test_clipped_per_call_absmax_saves_nothing(strategy):
+    # Every code of a per-call absmax scale is in range, so the mask would be all ones.
     x = torch.randn(4, 6, requires_grad=True)
     saved = saved_by_backward(uniform(num_bits=4, strategy=strategy, axis=None), x)
+    assert saved == []
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "channel", "token"])
+@pytest.mark.parametrize("how", ["minmax", "frozen"])
+def test_clipped_minmax_or_frozen_saves_only_a_bool_mask(strategy, how):
+    x = torch.randn(4, 6, requires_grad=True)
+    q = uniform(num_bits=4, strategy=strategy, axis=None, symmetric=how != "minmax")
+    if how == "frozen":
+        q.freeze(x.detach() / 2)  # half the range: about half the codes clip
+    saved = saved_by_backward(q, x)
     assert [(t.dtype, t.numel()) for t in saved] == [(torch.bool, x.numel())]
+    if how == "frozen":
+        assert 0 < x.grad.sum() < x.numel()
 
 
 def test_identity_saves_nothing():

@@ -37,6 +37,9 @@ class Quantizer(nn.Module):
     - ``estimators``: accepted backward surrogates.
     - ``options``: extra spec keys -> default value (the default fixes the type).
     - ``allows_asymmetric``: whether ``symmetric: false`` is meaningful.
+    - ``mixes_strength``: whether :meth:`quantize` applies the strength λ itself (the
+      built-in types do, inside their one op); otherwise ``forward`` mixes
+      ``x + λ·(quantize(x) - x)``.
     """
 
     type_name: ClassVar[str] = ""
@@ -47,6 +50,7 @@ class Quantizer(nn.Module):
     estimators: ClassVar[tuple[str, ...]] = ("identity",)
     options: ClassVar[Mapping[str, Any]] = {}
     allows_asymmetric: ClassVar[bool] = False
+    mixes_strength: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -95,12 +99,13 @@ class Quantizer(nn.Module):
         if not self.enabled or self._strength == 0.0:
             return x
         y = self.quantize(x)
-        if self._strength != 1.0:
+        if self._strength != 1.0 and not self.mixes_strength:
             y = x + self._strength * (y - x)
         return y
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """The fake-quantized tensor, with the surrogate gradient attached."""
+        """The fake-quantized tensor, with the surrogate gradient attached (and, when
+        ``mixes_strength``, already mixed with ``x`` by the strength λ)."""
         raise NotImplementedError
 
     def init_from(self, x: torch.Tensor) -> None:

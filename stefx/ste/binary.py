@@ -38,9 +38,10 @@ T_min)) and k = max(1/t, 1), with options ``t_min`` (0.1) and ``t_max`` (10.0), 
 quantizer's public ``progress`` attribute in [0, 1] (0 at init). The training loop sets it,
 e.g. ``q.progress = step / total_steps``; it is a Python float, so no tensor is read.
 
-What the backward keeps: ``clipped`` without a scale saves only the boolean mask
-|x| <= 1; ``identity`` without a scale saves nothing; every other combination saves the
-input x itself (no copy) and, with ``absmean``, the per-group α. No parameters are learned.
+The op is ``torch.ops.stefx.binarize``. What its backward keeps: ``clipped`` without a
+scale saves only the boolean mask |x| <= 1 (for a weight, the parameter itself instead:
+it is alive anyway); ``identity`` without a scale saves nothing; every other combination
+saves the input x itself (no copy), and α is recomputed from it. No parameters are learned.
 
 Extend the estimator table with :func:`register_sign_estimator`.
 
@@ -68,9 +69,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
+from torch import nn
 
 from stefx.errors import RecipeError
 from stefx.registry import Registry
+from stefx.ste import ops
 from stefx.ste.base import Quantizer
 from stefx.ste.spec import register_quantizer
 
@@ -78,9 +81,9 @@ __all__ = [
     "SIGN_ESTIMATORS",
     "BinaryQuantizer",
     "SignEstimator",
+    "binarize",
     "ede_params",
     "register_sign_estimator",
-    "scaled_sign",
     "sign_pm1",
 ]
 
@@ -144,61 +147,100 @@ def ede_params(progress: float, t_min: float, t_max: float) -> tuple[float, floa
 def _times_derivative(grad, est, saved, params):
     """grad · g'(x), from the saved mask (indicator estimators) or the saved x."""
     if est.indicator:
-        # where, not grad * mask: a float-by-bool multiply takes a slow casting path.
-        return torch.where(saved, grad, 0.0)
+        mask = saved if saved.dtype == torch.bool else est.derivative(saved, params)
+        return ops.apply_mask(grad, mask)
     return (grad * est.derivative(_wide(saved), params)).to(grad.dtype)
 
 
-class _ScaledSign(torch.autograd.Function):
-    """Forward α·sign(x) on rows (G, N), α (G,) or None. Backward: G·α·g'(x) to x and
-    Σ_row G·sign(x) to α (which the caller computed from x, so autograd adds dα/dx)."""
-
-    @staticmethod
-    def forward(ctx, x, alpha, estimator, params):
-        ctx.estimator, ctx.params, ctx.scaled = estimator, params, alpha is not None
-        s = sign_pm1(x)
-        if alpha is None:
-            if estimator.indicator:
-                ctx.save_for_backward(estimator.derivative(x, params))
-            elif estimator.derivative is not None:
-                ctx.save_for_backward(x)
-            return s
-        ctx.save_for_backward(x, alpha)
-        return s * alpha.unsqueeze(1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        est = ctx.estimator
-        if not ctx.scaled:
-            if est.derivative is None:
-                return grad, None, None, None
-            (saved,) = ctx.saved_tensors
-            return _times_derivative(grad, est, saved, ctx.params), None, None, None
-        x, alpha = ctx.saved_tensors
-        grad_x = grad_alpha = None
-        if ctx.needs_input_grad[0]:
-            g = grad * alpha.unsqueeze(1)
-            if est.derivative is not None:
-                d = est.derivative(x, ctx.params) if est.indicator else x
-                g = _times_derivative(g, est, d, ctx.params)
-            grad_x = g
-        if ctx.needs_input_grad[1]:
-            grad_alpha = (_wide(grad) * sign_pm1(x)).sum(dim=1).to(alpha.dtype)
-        return grad_x, grad_alpha, None, None
+def _pm1(x: torch.Tensor) -> torch.Tensor:
+    """±1 with sign(±0) = +1 in vectorised passes: sign(x) + 1/2 is never 0. NaN gives +1
+    (torch.sign(NaN) is 0): used where a NaN reaches the result through α anyway."""
+    return torch.sign(x).add_(0.5).sign_()
 
 
-def scaled_sign(
+def _fast_sign(x: torch.Tensor) -> torch.Tensor:
+    """``sign_pm1``: :func:`_pm1`, or the exact NaN-keeping path for a tensor whose sum
+    is not finite (a NaN, or an inf). Forward kernels only (it reads a value)."""
+    if x.numel() and not torch.isfinite(x.sum()):
+        return sign_pm1(x)
+    return _pm1(x)
+
+
+def _binarize_fake(x, scale, estimator, beta, t, k, strategy, axis, mask_out, strength):
+    est = SIGN_ESTIMATORS.get(estimator)
+    keep_mask = mask_out and est.indicator and scale == "none" and x.numel() > 0
+    return torch.empty_like(x), x.new_empty(x.shape if keep_mask else 0, dtype=torch.bool)
+
+
+def _binarize_setup(ctx, inputs, output):
+    x, scale, estimator, beta, t, k, strategy, axis, _mask_out, strength = inputs
+    est = SIGN_ESTIMATORS.get(estimator)
+    ctx.consts = (est, {"beta": beta, "t": t, "k": k}, scale, strategy, axis, strength)
+    mask = output[1]
+    if mask.numel():
+        ctx.save_for_backward(mask)
+    elif scale != "none" or est.derivative is not None:
+        ctx.save_for_backward(x)
+    else:
+        ctx.save_for_backward(None)
+
+
+def _binarize_backward(ctx, grad, _grad_mask):
+    (saved,) = ctx.saved_tensors
+    est, params, scale, strategy, axis, strength = ctx.consts
+    g = ops.scaled(grad, strength)
+    if scale == "none":
+        if est.derivative is not None:
+            g = _times_derivative(g, est, saved, params)
+        return (ops.mix_input_grad(grad, g, strength), *(None,) * 9)
+    gran = ops.granularity(strategy, axis, None)
+    rows, g_rows = gran.rows(saved), gran.rows(g)
+    alpha = _absmean(rows)
+    gx = g_rows * alpha.unsqueeze(1)
+    if est.derivative is not None:
+        gx = _times_derivative(gx, est, rows, params)
+    # α = mean|x| depends on x too: dα/dx_i = sgn(x_i)/n (d|x|/dx = 0 at 0, as torch).
+    g_alpha = (_wide(g_rows) * _pm1(rows)).sum(dim=1, keepdim=True) / rows.shape[1]
+    gx = gx + (torch.sign(_wide(rows)) * g_alpha).to(gx.dtype)
+    gx = gran.unrows(gx, saved.shape)
+    return (ops.mix_input_grad(grad, gx, strength), *(None,) * 9)
+
+
+def _absmean(rows: torch.Tensor) -> torch.Tensor:
+    # mean(dtype=...) accumulates wide without saving a widened copy of x.
+    wide = torch.promote_types(rows.dtype, torch.float32)
+    return rows.abs().mean(dim=1, dtype=wide).to(rows.dtype)
+
+
+@ops.define(
+    "binarize", fake=_binarize_fake, setup_context=_binarize_setup, backward=_binarize_backward
+)
+def binarize(
     x: torch.Tensor,
-    alpha: torch.Tensor | None = None,
-    estimator: str = "clipped",
-    **params: float,
-) -> torch.Tensor:
-    """α·sign(x) for rows ``x`` (G, N) and ``alpha`` (G,) or None, with a sign estimator.
-
-    ``params``: ``beta`` (swish_sign), ``t`` and ``k`` (ede); see the module docstring.
-    """
-    full = {"beta": 5.0, "t": 1.0, "k": 1.0, **params}
-    return _ScaledSign.apply(x, alpha, SIGN_ESTIMATORS.get(estimator), full)
+    scale: str,
+    estimator: str,
+    beta: float,
+    t: float,
+    k: float,
+    strategy: str,
+    axis: int | None,
+    mask_out: bool,
+    strength: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """α·sign(x) per scale group (``torch.ops.stefx.binarize``); α = 1 (``scale: none``)
+    or mean|x| (``absmean``). Returns ``(y, mask)``: with ``mask_out`` and an indicator
+    estimator without a scale, the mask g'(x) the backward keeps; else an empty tensor."""
+    est = SIGN_ESTIMATORS.get(estimator)
+    gran = ops.granularity(strategy, axis, None)
+    rows = gran.rows(x)
+    y = _fast_sign(rows)
+    if scale != "none" and x.numel():
+        y.mul_(_absmean(rows).unsqueeze(1))
+    y = ops.mix(rows, y, strength)
+    keep_mask = mask_out and est.indicator and scale == "none" and x.numel() > 0
+    params = {"beta": beta, "t": t, "k": k}
+    mask = est.derivative(x, params) if keep_mask else x.new_empty(0, dtype=torch.bool)
+    return gran.unrows(y, x.shape), mask
 
 
 def _bad_option(where: str, key: str, value: object, fix: str) -> RecipeError:
@@ -213,6 +255,7 @@ class BinaryQuantizer(Quantizer):
     strategies = ("tensor", "channel")
     scales = ("none", "absmean")
     estimators = ("clipped", *(n for n in SIGN_ESTIMATORS.names() if n != "clipped"))
+    mixes_strength = True
     options = MappingProxyType({"beta": 5.0, "t_min": 0.1, "t_max": 10.0})
 
     @classmethod
@@ -248,14 +291,22 @@ class BinaryQuantizer(Quantizer):
         return {"beta": o["beta"], "t": t, "k": k}
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.granularity.rows(x)
-        alpha = None
-        if self.spec.scale == "absmean":
-            # mean(dtype=...) accumulates wide without saving a widened copy of x.
-            wide = torch.promote_types(x.dtype, torch.float32)
-            alpha = rows.abs().mean(dim=1, dtype=wide).to(x.dtype)
-        y = _ScaledSign.apply(rows, alpha, self._estimator, self.estimator_params())
-        return self.granularity.unrows(y, x.shape)
+        s = self.spec
+        p = self.estimator_params()
+        y, _ = binarize(
+            x,
+            s.scale,
+            s.estimator,
+            p["beta"],
+            p["t"],
+            p["k"],
+            s.strategy,
+            s.axis,
+            # a weight stays alive anyway: the backward re-reads it instead of a mask
+            not isinstance(x, nn.Parameter),
+            self._strength,
+        )
+        return y
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

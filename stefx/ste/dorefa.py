@@ -31,7 +31,8 @@ Degenerate case (not in the paper): when max|tanh(w)| = 0 (an all-zero weight) t
 normalisation is 0/0; we define w_q = 0 and pass the gradient straight through, so a
 zero-initialised weight can still leave zero. m enters divisions as max(m, 1e-12).
 
-Each autograd function saves only the input (weights) or a boolean mask (activations).
+The op is ``torch.ops.stefx.dorefa``; its backward saves only the input (weights; nothing
+for k = 1) or a boolean mask (activations).
 
 >>> import torch
 >>> from stefx.ste.dorefa import DoReFaQuantizer
@@ -57,6 +58,7 @@ from types import MappingProxyType
 import torch
 
 from stefx.errors import RecipeError
+from stefx.ste import ops
 from stefx.ste.base import Quantizer
 from stefx.ste.spec import register_quantizer
 
@@ -72,55 +74,68 @@ def _tanh_max(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return t, m_raw, m_raw.clamp_min(_EPS)
 
 
-class _DoReFaWeightFn(torch.autograd.Function):
-    """w_q = 2·quantize_k(tanh(w)/(2 max|tanh(w)|) + 1/2) - 1; STE on round only."""
-
-    @staticmethod
-    def forward(ctx, w, levels):
-        t, m_raw, m = _tanh_max(w)
-        r = t / (2 * m) + 0.5
-        wq = 2 * ((r * levels).round() / levels) - 1
-        ctx.save_for_backward(w)
-        return torch.where(m_raw == 0, 0.0, wq).to(w.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (w,) = ctx.saved_tensors
-        t, m_raw, m = _tanh_max(w)
-        g = grad.float()
-        at_max = t.abs() == m_raw
-        through_max = (g * t).sum() / (m * m) / at_max.sum().clamp_min(1)
-        gw = (1 - t * t) * (g / m - at_max * t.sign() * through_max)
-        return torch.where(m_raw == 0, g, gw).to(w.dtype), None
+def _weight_forward(w: torch.Tensor, levels: int) -> torch.Tensor:
+    """w_q = 2·quantize_k(tanh(w)/(2 max|tanh(w)|) + 1/2) - 1 (0 for an all-zero w)."""
+    t, m_raw, m = _tanh_max(w)
+    r = t / (2 * m) + 0.5
+    wq = 2 * ((r * levels).round() / levels) - 1
+    return torch.where(m_raw == 0, 0.0, wq).to(w.dtype)
 
 
-class _SignMeanFn(torch.autograd.Function):
-    """w_q = mean|w| · sign(w) (sign(0) = +1); identity gradient, nothing saved."""
-
-    @staticmethod
-    def forward(ctx, w):
-        wf = w.float()
-        e = wf.abs().mean()
-        return torch.where(wf >= 0, e, -e).to(w.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+def _weight_backward(w: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The module docstring's ∂L/∂w: every path but the round, the max included."""
+    t, m_raw, m = _tanh_max(w)
+    g = grad.float()
+    at_max = t.abs() == m_raw
+    through_max = (g * t).sum() / (m * m) / at_max.sum().clamp_min(1)
+    gw = (1 - t * t) * (g / m - at_max * t.sign() * through_max)
+    return torch.where(m_raw == 0, g, gw).to(w.dtype)
 
 
-class _ClipRoundFn(torch.autograd.Function):
-    """a_q = round((2^k - 1)·clamp(x, 0, 1))/(2^k - 1); gradient 1{0 <= x <= 1}."""
+def _sign_mean(w: torch.Tensor) -> torch.Tensor:
+    """w_q = mean|w| · sign(w), sign(0) = +1."""
+    wf = w.float()
+    e = wf.abs().mean()
+    return torch.where(wf >= 0, e, -e).to(w.dtype)
 
-    @staticmethod
-    def forward(ctx, x, levels):
+
+def _dorefa_fake(x, levels, role, strength):
+    mask = x.shape if role == "activation" else 0
+    return torch.empty_like(x), x.new_empty(mask, dtype=torch.bool)
+
+
+def _dorefa_setup(ctx, inputs, output):
+    x, levels, role, strength = inputs
+    ctx.role, ctx.strength = (role if role == "activation" or levels > 1 else "sign"), strength
+    ctx.save_for_backward(output[1] if role == "activation" else x if levels > 1 else None)
+
+
+def _dorefa_backward(ctx, grad, _grad_mask):
+    (saved,) = ctx.saved_tensors
+    g = ops.scaled(grad, ctx.strength)
+    if ctx.role == "activation":
+        g = ops.apply_mask(g, saved)
+    elif ctx.role == "weight" and saved.numel():
+        g = _weight_backward(saved, g)
+    return ops.mix_input_grad(grad, g, ctx.strength), None, None, None
+
+
+@ops.define("dorefa", fake=_dorefa_fake, setup_context=_dorefa_setup, backward=_dorefa_backward)
+def dorefa(
+    x: torch.Tensor, levels: int, role: str, strength: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoReFa-Net's quantizer of a weight or an activation (``torch.ops.stefx.dorefa``):
+    returns ``(y, mask)``, the mask 1{0 <= x <= 1} for an activation, else empty."""
+    empty = x.new_empty(0, dtype=torch.bool)
+    if role == "activation":
         xf = x.float()
-        ctx.save_for_backward((xf >= 0) & (xf <= 1))
-        return ((xf.clamp(0.0, 1.0) * levels).round() / levels).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
+        mask = (xf >= 0) & (xf <= 1)
+        y = ((xf.clamp(0.0, 1.0) * levels).round() / levels).to(x.dtype)
+        return ops.mix(x, y, strength), mask
+    if x.numel() == 0:
+        return torch.empty_like(x), empty
+    y = _sign_mean(x) if levels == 1 else _weight_forward(x, levels)
+    return ops.mix(x, y, strength), empty
 
 
 @register_quantizer("dorefa")
@@ -133,6 +148,7 @@ class DoReFaQuantizer(Quantizer):
     estimators = ("identity",)
     options = MappingProxyType({"role": "weight"})
     roles = ("weight", "activation")
+    mixes_strength = True
 
     @classmethod
     def check_options(cls, options, where):
@@ -147,10 +163,4 @@ class DoReFaQuantizer(Quantizer):
         self.role = self.spec.options["role"]
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.role == "activation":
-            return _ClipRoundFn.apply(x, self.levels)
-        if x.numel() == 0:
-            return x
-        if self.bits == 1:
-            return _SignMeanFn.apply(x)
-        return _DoReFaWeightFn.apply(x, self.levels)
+        return dorefa(x, self.levels, self.role, self._strength)[0]

@@ -44,8 +44,9 @@ Guards: the step enters the division as max(s, 1e-12) (the gradient still reache
 a group with no non-zero finite value initialises s = 1, which quantizes zeros exactly
 and keeps s trainable. Rounding is round-half-to-even (``torch.round``).
 
-The autograd function saves only the input and the learned parameters; masks and the
-codes are recomputed in backward. The learned parameters stay one ``nn.Parameter``
+The op is ``torch.ops.stefx.lsq``; its backward saves only the input and the learned
+parameters (for a weight, the parameter itself: no copy); masks and the codes are
+recomputed in backward. The learned parameters stay one ``nn.Parameter``
 object each (initialisation assigns ``.data``), so an optimizer built before the first
 forward keeps updating them; ``load_state_dict`` accepts saved ones before that.
 
@@ -78,9 +79,10 @@ from types import MappingProxyType
 from typing import ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from stefx.errors import RecipeError
+from stefx.ste import ops
 from stefx.ste.base import Quantizer
 from stefx.ste.granularity import Granularity
 from stefx.ste.spec import register_quantizer
@@ -103,36 +105,63 @@ def _codes(
     return (rows - b) / s, s, b
 
 
-class _LearnedStepFn(torch.autograd.Function):
-    """v̂ = round(clamp((v - β)/s, qmin, qmax))·s + β with LSQ(+) gradients for v, s, β."""
+def _lsq_grad_scale(x: Tensor, groups: int, qmax: int, on: bool) -> float:
+    """g = 1 / sqrt(N · Qp) with N = numel / groups elements per step (1 when off)."""
+    return 1.0 / math.sqrt(max(x.numel() // max(groups, 1), 1) * qmax) if on else 1.0
 
-    @staticmethod
-    def forward(ctx, x, scale, offset, gran, qmin, qmax, grad_scale):
-        u, s, b = _codes(x, scale, offset, gran)
-        y = u.clamp(qmin, qmax).round() * s
-        if b is not None:
-            y = y + b
-        ctx.save_for_backward(x, scale, offset)
-        ctx.consts = (gran, qmin, qmax, grad_scale)
-        return gran.unrows(y, x.shape).to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, scale, offset = ctx.saved_tensors
-        gran, qmin, qmax, g = ctx.consts
-        u, _, _ = _codes(x, scale, offset, gran)
-        grad_rows = gran.rows(grad).float()
-        inside = (u > qmin) & (u < qmax)
-        below, above = u <= qmin, u >= qmax
-        gx = gs = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = gran.unrows(grad_rows * inside, x.shape).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dv_ds = torch.where(inside, u.round() - u, 0.0) + qmin * below + qmax * above
-            gs = ((grad_rows * dv_ds).sum(1) * g).to(scale.dtype)
-        if offset is not None and ctx.needs_input_grad[2]:
-            gb = ((grad_rows * (below | above)).sum(1) * g).to(offset.dtype)
-        return gx, gs, gb, None, None, None, None
+def _lsq_fake(x, scale, offset, qmin, qmax, grad_scale, strategy, axis, group_size, strength):
+    return torch.empty_like(x)
+
+
+def _lsq_setup(ctx, inputs, output):
+    x, scale, offset, qmin, qmax, grad_scale, strategy, axis, group_size, strength = inputs
+    ctx.save_for_backward(x, scale, offset)
+    ctx.consts = (ops.granularity(strategy, axis, group_size), qmin, qmax, grad_scale, strength)
+
+
+def _lsq_backward(ctx, grad):
+    x, scale, offset = ctx.saved_tensors
+    gran, qmin, qmax, on, strength = ctx.consts
+    u, _, _ = _codes(x, scale, offset, gran)
+    grad_rows = gran.rows(ops.scaled(grad, strength)).float()
+    inside = (u > qmin) & (u < qmax)
+    below, above = u <= qmin, u >= qmax
+    g = _lsq_grad_scale(x, u.shape[0], qmax, on)
+    gx = gs = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = gran.unrows(ops.apply_mask(grad_rows, inside), x.shape).to(x.dtype)
+        gx = ops.mix_input_grad(grad, gx, strength)
+    if ctx.needs_input_grad[1]:
+        dv_ds = torch.where(inside, u.round() - u, 0.0) + qmin * below + qmax * above
+        gs = ((grad_rows * dv_ds).sum(1) * g).to(scale.dtype)
+    if offset is not None and ctx.needs_input_grad[2]:
+        gb = ((grad_rows * (below | above)).sum(1) * g).to(offset.dtype)
+    return gx, gs, gb, None, None, None, None, None, None, None
+
+
+@ops.define("lsq", fake=_lsq_fake, setup_context=_lsq_setup, backward=_lsq_backward)
+def learned_step(
+    x: Tensor,
+    scale: Tensor,
+    offset: Tensor | None,
+    qmin: int,
+    qmax: int,
+    grad_scale: bool,
+    strategy: str,
+    axis: int | None,
+    group_size: int | None,
+    strength: float,
+) -> Tensor:
+    """v̂ = round(clamp((v - β)/s, qmin, qmax))·s + β with LSQ(+) gradients for v, s, β
+    (``torch.ops.stefx.lsq``); ``grad_scale``: scale the step gradients by LSQ's g."""
+    gran = ops.granularity(strategy, axis, group_size)
+    u, s, b = _codes(x, scale, offset, gran)
+    y = u.clamp_(qmin, qmax).round_().mul_(s)
+    if b is not None:
+        y.add_(b)
+    # u is a fresh buffer (the division), so y never aliases x
+    return ops.mix(x, gran.unrows(y, x.shape).to(x.dtype), strength)
 
 
 def _finite_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +184,7 @@ class _LearnedStepQuantizer(Quantizer):
     estimators = ("clipped",)
     allows_asymmetric = True
     has_offset: ClassVar[bool] = False
+    mixes_strength = True
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
@@ -214,10 +244,19 @@ class _LearnedStepQuantizer(Quantizer):
                 "use one quantizer per tensor"
             )
         offset = params[1] if self.has_offset else None
-        g = 1.0
-        if self.spec.options["grad_scale"]:
-            g = 1.0 / math.sqrt((x.numel() // groups) * self.qmax)
-        return _LearnedStepFn.apply(x, params[0], offset, self.granularity, self.qmin, self.qmax, g)
+        s = self.spec
+        return learned_step(
+            x,
+            params[0],
+            offset,
+            self.qmin,
+            self.qmax,
+            s.options["grad_scale"],
+            s.strategy,
+            s.axis,
+            s.group_size,
+            self._strength,
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Before the first forward the parameters are empty: take the saved shape, as long

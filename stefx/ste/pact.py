@@ -20,7 +20,8 @@ construction — no data-driven init. The paper regularises α with an L2 penalt
 is the optimizer's weight decay on ``alpha``. Strategy ``tensor`` only (one α per layer,
 as in the paper).
 
-The autograd function saves only the input and α; masks are recomputed in backward.
+The op is ``torch.ops.stefx.pact``; its backward saves only the input and α; masks are
+recomputed in backward.
 
 >>> import torch
 >>> from stefx.ste.pact import PACTQuantizer
@@ -43,6 +44,7 @@ import torch
 from torch import nn
 
 from stefx.errors import RecipeError
+from stefx.ste import ops
 from stefx.ste.base import Quantizer
 from stefx.ste.spec import register_quantizer
 
@@ -51,28 +53,39 @@ __all__ = ["PACTQuantizer"]
 _EPS = 1e-12
 
 
-class _PACTFn(torch.autograd.Function):
-    """y_q = round(clamp(x, 0, α)/Δ)·Δ, Δ = α/(2^k - 1); gradients 1{0 <= x < α}, 1{x >= α}."""
+def _pact_fake(x, alpha, levels, strength):
+    return torch.empty_like(x)
 
-    @staticmethod
-    def forward(ctx, x, alpha, levels):
-        a = alpha.float().clamp_min(_EPS)
-        step = a / levels
-        y = torch.minimum(x.float().clamp_min(0.0), a)
-        ctx.save_for_backward(x, alpha)
-        return ((y / step).round() * step).to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, alpha = ctx.saved_tensors
-        a = alpha.float().clamp_min(_EPS)
-        xf = x.float()
-        gx = ga = None
-        if ctx.needs_input_grad[0]:
-            gx = (grad.float() * ((xf >= 0) & (xf < a))).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            ga = (grad.float() * (xf >= a)).sum().reshape(alpha.shape).to(alpha.dtype)
-        return gx, ga, None
+def _pact_setup(ctx, inputs, output):
+    x, alpha, _levels, strength = inputs
+    ctx.save_for_backward(x, alpha)
+    ctx.strength = strength
+
+
+def _pact_backward(ctx, grad):
+    x, alpha = ctx.saved_tensors
+    g = ops.scaled(grad, ctx.strength).float()
+    a = alpha.float().clamp_min(_EPS)
+    xf = x.float()
+    gx = ga = None
+    if ctx.needs_input_grad[0]:
+        gx = (g * ((xf >= 0) & (xf < a))).to(x.dtype)
+        gx = ops.mix_input_grad(grad, gx, ctx.strength)
+    if ctx.needs_input_grad[1]:
+        ga = (g * (xf >= a)).sum().reshape(alpha.shape).to(alpha.dtype)
+    return gx, ga, None, None
+
+
+@ops.define("pact", fake=_pact_fake, setup_context=_pact_setup, backward=_pact_backward)
+def pact(x: torch.Tensor, alpha: torch.Tensor, levels: int, strength: float) -> torch.Tensor:
+    """y_q = round(clamp(x, 0, α)/Δ)·Δ, Δ = α/(2^k - 1) (``torch.ops.stefx.pact``);
+    gradients 1{0 <= x < α} to x and 1{x >= α} to α."""
+    a = alpha.float().clamp_min(_EPS)
+    step = a / levels
+    y = torch.minimum(x.float().clamp_min(0.0), a)
+    y = y.div_(step).round_().mul_(step).to(x.dtype)
+    return ops.mix(x, y, strength)
 
 
 @register_quantizer("pact")
@@ -85,6 +98,7 @@ class PACTQuantizer(Quantizer):
     scales = ("learned",)
     estimators = ("clipped",)
     options = MappingProxyType({"alpha_init": 10.0})
+    mixes_strength = True
 
     @classmethod
     def check_options(cls, options, where):
@@ -104,4 +118,4 @@ class PACTQuantizer(Quantizer):
         alpha = self.alpha
         if x.is_meta and not alpha.is_meta:  # shape-only pass: a stand-in without values
             alpha = torch.empty((), device="meta")
-        return _PACTFn.apply(x, alpha, self.levels)
+        return pact(x, alpha, self.levels, self._strength)

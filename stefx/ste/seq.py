@@ -41,8 +41,8 @@ is ParetoQ's training-script init for 2 bits (``torch.max(|W|, dim=-1)``); for 3
 bits ParetoQ's script switches to LSQ with α = max|W|/(2^(b-1) - 1), but here α is the
 clip range of the same SEQ grid, so max|W| is kept for every width. The same Parameter
 object is kept, so an optimizer built before the first forward still holds it; the empty
-α must already be on W's device (``model.to(...)`` moves it). The backward saves W itself
-(no copy) and α; u, the mask and the levels are recomputed.
+α must already be on W's device (``model.to(...)`` moves it). The op is ``torch.ops.stefx.seq``;
+its backward saves W itself (no copy) and α; u, the mask and the levels are recomputed.
 
 Note: ParetoQ's reference code uses SEQ for 2 bits (and ternary) and LSQ (``lsq`` here) for
 3 and 4 bits; ``seq`` with ``num_bits: 3`` or ``4`` is the same SEQ grid at that width.
@@ -69,6 +69,7 @@ import torch
 from torch import nn
 
 from stefx.errors import RecipeError
+from stefx.ste import ops
 from stefx.ste.base import Quantizer
 from stefx.ste.functions import wide
 from stefx.ste.spec import register_quantizer
@@ -107,39 +108,56 @@ def seq_levels(u: torch.Tensor, grid: SeqGrid) -> torch.Tensor:
     return codes / n
 
 
-class _StretchedElastic(torch.autograd.Function):
-    """SEQ on rows (G, N) with step α (G,); the math is in the module docstring."""
-
-    @staticmethod
-    def forward(ctx, rows, alpha, grid, eps, grad_scale):
-        ctx.grid, ctx.eps, ctx.grad_scale = grid, eps, grad_scale
-        ctx.save_for_backward(rows, alpha)
-        a = _step(alpha, eps)
-        return (seq_levels(wide(rows) / a, grid) * a).to(rows.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, alpha = ctx.saved_tensors
-        grid = ctx.grid
-        u = wide(rows) / _step(alpha, ctx.eps)
-        inside = u.abs() <= SEQ_CLIP
-        grad_x = grad_alpha = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.where(inside, grad, 0.0)
-        if ctx.needs_input_grad[1]:
-            top = (grid.n_levels - grid.shift) / grid.n_levels  # ParetoQ's Q_p: the top level
-            slope = torch.where(inside, seq_levels(u, grid) - u, torch.sign(u) * top)
-            grad_alpha = (slope * wide(grad)).sum(dim=1) * ctx.grad_scale
-            grad_alpha = grad_alpha.to(alpha.dtype)
-        return grad_x, grad_alpha, None, None, None
+def _seq_fake(x, alpha, n_levels, shift, code_bound, eps, strategy, axis, strength):
+    return torch.empty_like(x)
 
 
+def _seq_setup(ctx, inputs, output):
+    x, alpha, n_levels, shift, code_bound, eps, strategy, axis, strength = inputs
+    ctx.save_for_backward(x, alpha)
+    ctx.consts = (SeqGrid(n_levels, shift, code_bound), eps, strategy, axis, strength)
+
+
+def _seq_backward(ctx, grad):
+    x, alpha = ctx.saved_tensors
+    grid, eps, strategy, axis, strength = ctx.consts
+    gran = ops.granularity(strategy, axis, None)
+    rows, g_rows = gran.rows(x), gran.rows(ops.scaled(grad, strength))
+    u = wide(rows) / _step(alpha, eps)
+    inside = u.abs() <= SEQ_CLIP
+    grad_x = grad_alpha = None
+    if ctx.needs_input_grad[0]:
+        grad_x = gran.unrows(ops.apply_mask(g_rows, inside), x.shape)
+        grad_x = ops.mix_input_grad(grad, grad_x, strength)
+    if ctx.needs_input_grad[1]:
+        top = (grid.n_levels - grid.shift) / grid.n_levels  # ParetoQ's Q_p: the top level
+        slope = torch.where(inside, seq_levels(u, grid) - u, torch.sign(u) * top)
+        grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * grid.code_bound)
+        grad_alpha = (slope * wide(g_rows)).sum(dim=1) * grad_scale
+        grad_alpha = grad_alpha.to(alpha.dtype)
+    return grad_x, grad_alpha, None, None, None, None, None, None, None
+
+
+@ops.define("seq", fake=_seq_fake, setup_context=_seq_setup, backward=_seq_backward)
 def stretched_elastic(
-    rows: torch.Tensor, alpha: torch.Tensor, grid: SeqGrid, eps: float = 1e-5
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    n_levels: float,
+    shift: float,
+    code_bound: int,
+    eps: float,
+    strategy: str,
+    axis: int | None,
+    strength: float,
 ) -> torch.Tensor:
-    """ParetoQ's SEQ of rows (G, N) with learned ``alpha`` (G,), with its STE."""
-    grad_scale = 1.0 / math.sqrt(max(rows.numel(), 1) * grid.code_bound)
-    return _StretchedElastic.apply(rows, alpha, grid, eps, grad_scale)
+    """ParetoQ's SEQ of ``x`` per scale group with learned ``alpha`` (G,) on the grid
+    (n_levels, shift, code_bound) (``torch.ops.stefx.seq``); the math is in the module
+    docstring."""
+    gran = ops.granularity(strategy, axis, None)
+    rows = gran.rows(x)
+    a = _step(alpha, eps)
+    y = (seq_levels(wide(rows) / a, SeqGrid(n_levels, shift, code_bound)) * a).to(x.dtype)
+    return gran.unrows(ops.mix(rows, y, strength), x.shape)
 
 
 @torch.no_grad()
@@ -151,16 +169,16 @@ def init_alpha(q: Quantizer, x: torch.Tensor) -> None:
 
 def seq_forward(q: Quantizer, x: torch.Tensor, grid: SeqGrid) -> torch.Tensor:
     """SEQ of ``x`` with ``q``'s learned per-group ``alpha``, initialised on first use."""
-    rows = q.granularity.rows(x)
     if q.alpha.numel() == 0:
         init_alpha(q, x)
-    if q.alpha.shape != (rows.shape[0],):
+    groups = q.granularity.num_groups(x.shape)
+    if q.alpha.shape != (groups,):
         raise ValueError(
             f"{q.spec.type}: alpha has shape {tuple(q.alpha.shape)} but the input has "
-            f"{rows.shape[0]} scale groups; one quantizer serves one weight shape"
+            f"{groups} scale groups; one quantizer serves one weight shape"
         )
-    y = stretched_elastic(rows, q.alpha, grid, q.eps)
-    return q.granularity.unrows(y, x.shape)
+    s = q.spec
+    return stretched_elastic(x, q.alpha, *grid, q.eps, s.strategy, s.axis, q._strength)
 
 
 def check_eps(options, where: str) -> None:
@@ -178,6 +196,7 @@ class SEQQuantizer(Quantizer):
     scales = ("learned",)
     estimators = ("ste",)
     options = MappingProxyType({"eps": 1e-5})
+    mixes_strength = True
 
     @classmethod
     def check_options(cls, options, where):

@@ -14,9 +14,8 @@ the value and the valid choices.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from stefx.errors import RecipeError, did_you_mean
@@ -25,6 +24,7 @@ from stefx.registry import Registry
 __all__ = [
     "COMMON_KEYS",
     "QUANTIZERS",
+    "Options",
     "QuantSpec",
     "make_quantizer",
     "parse_spec",
@@ -54,6 +54,45 @@ def _is_quantizer_class(obj: object) -> bool:
 QUANTIZERS: Registry[type] = Registry("quantizer type", check=_is_quantizer_class)
 
 
+class Options(Mapping[str, Any]):
+    """The per-type options of a spec: a read-only mapping that hashes, compares, copies
+    and pickles like the plain values it holds (a ``MappingProxyType`` does not pickle).
+
+    >>> o = Options({"beta": 5.0})
+    >>> o["beta"], dict(o), o == {"beta": 5.0}
+    (5.0, {'beta': 5.0}, True)
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        object.__setattr__(self, "_items", dict(items or {}))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._items.items())))
+
+    def __eq__(self, other: object) -> bool:
+        return dict(self._items) == dict(other) if isinstance(other, Mapping) else NotImplemented
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Options are read-only; use QuantSpec.replace(...)")
+
+    def __reduce__(self):
+        return (Options, (dict(self._items),))
+
+    def __repr__(self) -> str:
+        return f"Options({self._items!r})"
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """A validated quantizer spec. Build one with :func:`parse_spec`."""
@@ -68,7 +107,7 @@ class QuantSpec:
     estimator: str = ""
     enabled: bool = True
     strength: float = 1.0
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    options: Options = field(default_factory=Options)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat dict form, as written in a recipe (round-trips through parse_spec)."""
@@ -196,7 +235,7 @@ def parse_spec(spec: Mapping[str, Any] | QuantSpec, where: str = "quantizer spec
         estimator=estimator,
         enabled=enabled,
         strength=float(strength),
-        options=MappingProxyType(options),
+        options=Options(options),
     )
 
 

@@ -70,12 +70,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from stefx.ste import ops
 from stefx.ste.base import Quantizer
 from stefx.ste.functions import wide
 from stefx.ste.seq import TERNARY_GRID, check_eps, init_alpha, seq_forward
 from stefx.ste.spec import register_quantizer
 
-__all__ = ["TernaryQuantizer", "absmean_ternary", "twn_ternary"]
+__all__ = ["TernaryQuantizer", "absmean_ternary", "ternarize", "twn_ternary"]
 
 TWN_DELTA_FACTOR = 0.7
 
@@ -100,16 +101,36 @@ def twn_ternary(rows: torch.Tensor) -> torch.Tensor:
     return y.to(rows.dtype)
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: a ternary method on rows. Backward: dL/dW = dL/dy (nothing saved)."""
+def _ternarize_fake(x, method, eps, strategy, axis, strength):
+    return torch.empty_like(x)
 
-    @staticmethod
-    def forward(ctx, rows, method, eps):
-        return absmean_ternary(rows, eps) if method == "absmean" else twn_ternary(rows)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
+def _ternarize_setup(ctx, inputs, output):
+    pass
+
+
+def _ternarize_backward(ctx, grad):
+    # identity STE: dL/dW = dL/dy, and the λ mix x + λ(q - x) has slope 1 as well
+    return grad, None, None, None, None, None
+
+
+@ops.define(
+    "ternarize",
+    fake=_ternarize_fake,
+    setup_context=_ternarize_setup,
+    backward=_ternarize_backward,
+)
+def ternarize(
+    x: torch.Tensor, method: str, eps: float, strategy: str, axis: int | None, strength: float
+) -> torch.Tensor:
+    """Ternary weights by ``method`` ``absmean`` or ``twn`` per scale group, with the
+    identity STE (``torch.ops.stefx.ternarize``); nothing is saved for the backward."""
+    gran = ops.granularity(strategy, axis, None)
+    rows = gran.rows(x)
+    y = absmean_ternary(rows, eps) if method == "absmean" else twn_ternary(rows)
+    if y.data_ptr() == rows.data_ptr():
+        y = y.clone()
+    return gran.unrows(ops.mix(rows, y, strength), x.shape)
 
 
 @register_quantizer("ternary")
@@ -122,6 +143,7 @@ class TernaryQuantizer(Quantizer):
     scales = ("absmean", "twn", "seq")
     estimators = ("ste",)
     options = MappingProxyType({"eps": 1e-5})
+    mixes_strength = True
 
     @classmethod
     def check_options(cls, options, where):
@@ -141,9 +163,8 @@ class TernaryQuantizer(Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.scale == "seq":
             return seq_forward(self, x, TERNARY_GRID)
-        rows = self.granularity.rows(x)
-        y = _StraightThrough.apply(rows, self.spec.scale, self.eps)
-        return self.granularity.unrows(y, x.shape)
+        s = self.spec
+        return ternarize(x, s.scale, self.eps, s.strategy, s.axis, self._strength)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.spec.scale == "seq":

@@ -22,18 +22,25 @@ Non-finite input: a NaN or ±inf in a scale group makes that group's output non-
 
 ``freeze(x)`` computes s and z once and keeps them (static quantization);
 ``unfreeze()`` returns to per-call statistics.
+
+The op is ``torch.ops.stefx.fake_quant``. What its backward keeps: nothing with
+``identity``, nor with ``clipped`` and per-call absmax scales, where no code can be
+clamped (|x| <= max|x| puts every code inside [-(2^(b-1) - 1), 2^(b-1) - 1]) so the mask
+would be all ones; a boolean mask (one byte per element) with frozen or min/max scales.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from stefx.errors import RecipeError
+from stefx.ste import ops
 from stefx.ste.base import Quantizer
-from stefx.ste.functions import fake_quant_rows
+from stefx.ste.functions import wide
 from stefx.ste.spec import register_quantizer
 
-__all__ = ["UniformQuantizer", "code_range", "minmax_qparams"]
+__all__ = ["UniformQuantizer", "code_range", "fake_quant", "minmax_qparams"]
 
 _EPS = 1e-12
 
@@ -63,6 +70,84 @@ def minmax_qparams(
     return scale, zero
 
 
+def _row_qparams(rows: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    # Two reductions, not torch.aminmax: on CPU its dim= path is 5-10x slower.
+    return minmax_qparams(rows.amin(dim=1), rows.amax(dim=1), bits, symmetric)
+
+
+def _needs_mask(frozen: bool, symmetric: bool, clip: bool) -> bool:
+    """Whether the clipping mask can differ from all-ones (see the module docstring)."""
+    return clip and (frozen or not symmetric)
+
+
+def _fake(x, scale, zero_point, num_bits, symmetric, strategy, axis, group_size, clip, strength):
+    g = ops.granularity(strategy, axis, group_size)
+    if not _needs_mask(scale is not None, symmetric, clip) or x.numel() == 0:
+        return torch.empty_like(x), x.new_empty(0, dtype=torch.bool)
+    groups = g.num_groups(x.shape)
+    return torch.empty_like(x), x.new_empty((groups, x.numel() // groups), dtype=torch.bool)
+
+
+def _setup(ctx, inputs, output):
+    ctx.strength = inputs[-1]
+    ctx.granularity = ops.granularity(*inputs[5:8])
+    mask = output[1]
+    ctx.save_for_backward(mask if mask.numel() else None)
+
+
+def _backward(ctx, grad, _grad_mask):
+    (mask,) = ctx.saved_tensors
+    g = ops.scaled(grad, ctx.strength)
+    if mask is not None:
+        gran = ctx.granularity
+        g = gran.unrows(ops.apply_mask(gran.rows(g), mask), grad.shape)
+    return (ops.mix_input_grad(grad, g, ctx.strength), *(None,) * 9)
+
+
+@ops.define("fake_quant", fake=_fake, setup_context=_setup, backward=_backward)
+def fake_quant(
+    x: Tensor,
+    scale: Tensor | None,
+    zero_point: Tensor | None,
+    num_bits: int,
+    symmetric: bool,
+    strategy: str,
+    axis: int | None,
+    group_size: int | None,
+    clip: bool,
+    strength: float,
+) -> tuple[Tensor, Tensor]:
+    """Uniform affine fake quantization; returns ``(y, mask)``, the mask empty when the
+    backward needs none. ``scale`` / ``zero_point`` None: absmax or min/max per group."""
+    gran = ops.granularity(strategy, axis, group_size)
+    rows = gran.rows(x)
+    if x.numel() == 0:
+        return torch.empty_like(x), x.new_empty(0, dtype=torch.bool)
+    qmin, qmax = code_range(num_bits, symmetric)
+    frozen = scale is not None
+    if not frozen:
+        scale, zero_point = _row_qparams(rows, num_bits, symmetric)
+    s = scale.unsqueeze(1)
+    # (clamp(round(x · (1/s)) + z, qmin, qmax) - z) · s, as torch.fake_quantize_* computes it
+    codes = wide(rows) * s.reciprocal()
+    codes.round_()
+    z = None
+    if not symmetric:  # symmetric codes have z = 0
+        z = zero_point.unsqueeze(1).to(codes.dtype)
+        codes.add_(z)
+    if _needs_mask(frozen, symmetric, clip):
+        mask = (codes >= qmin).logical_and_(codes <= qmax)
+    else:
+        mask = x.new_empty(0, dtype=torch.bool)
+    codes.clamp_(qmin, qmax)
+    if z is not None:
+        codes.sub_(z)
+    codes.mul_(s)
+    y = codes.to(x.dtype) if codes.dtype != x.dtype else codes
+    y = ops.mix(rows, y, strength)
+    return gran.unrows(y, x.shape), mask
+
+
 @register_quantizer("uniform")
 class UniformQuantizer(Quantizer):
     bits_choices = (2, 3, 4, 5, 6, 7, 8, 16)
@@ -71,6 +156,7 @@ class UniformQuantizer(Quantizer):
     scales = ("absmax", "minmax")
     estimators = ("clipped", "identity")
     allows_asymmetric = True
+    mixes_strength = True
 
     @classmethod
     def default_scale(cls, symmetric: bool) -> str:
@@ -99,16 +185,24 @@ class UniformQuantizer(Quantizer):
         if self.frozen:
             return self.scale, self.zero_point
         with torch.no_grad():
-            # Two reductions, not torch.aminmax: on CPU its dim= path is 5-10x slower.
-            lo, hi = rows.amin(dim=1), rows.amax(dim=1)
-        return minmax_qparams(lo, hi, self.bits, self.spec.symmetric)
+            return _row_qparams(rows, self.bits, self.spec.symmetric)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.granularity.rows(x)
-        scale, zero = self.qparams(rows)
-        clip = self.spec.estimator == "clipped"
-        y = fake_quant_rows(rows, scale, zero, self.qmin, self.qmax, clip)
-        return self.granularity.unrows(y, x.shape)
+        s = self.spec
+        scale, zero = (self.scale, self.zero_point) if self.frozen else (None, None)
+        y, _ = fake_quant(
+            x,
+            scale,
+            zero,
+            s.num_bits,
+            s.symmetric,
+            s.strategy,
+            s.axis,
+            s.group_size,
+            s.estimator == "clipped",
+            self._strength,
+        )
+        return y
 
     @torch.no_grad()
     def freeze(self, x: torch.Tensor | None = None) -> None:
