@@ -90,7 +90,7 @@ def quantize(
         if plan.recipe.on_no_match == "warn":
             warnings.warn(_no_match_message(rule, plan), stacklevel=2)
     apply_plan(model, plan)
-    object.__setattr__(model, PLAN_ATTR, plan)
+    object.__setattr__(model, PLAN_ATTR, plan.slim())  # recipe and sites, not the graph
     if report:
         from stefx.profile import profile  # lazy: report=False never pays for it
 

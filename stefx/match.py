@@ -1,14 +1,6 @@
 """Match: which sites of a captured model each recipe rule selects. Pure: reads, returns records.
 
-A **site** is one place a quantizer goes:
-
-- a *module site*: a module whose op reads its own weight (Linear, Conv, HF Conv1D,
-  Embedding, fused MoE experts...). ``weights`` quantizes the weight parameters it reads,
-  ``input_activations`` its first input, ``output_activations`` its output;
-- an *op site*: a functional op with no weight of its own (``torch.matmul`` for attention
-  QKᵀ and PV, ``bmm``, ``einsum``, SDPA), named ``<module>.<kind>_<n>`` for the n-th call
-  of that kind inside that module's own forward. ``input_activations`` quantizes its tensor
-  operands, ``output_activations`` its result.
+What a site is, and how op sites are named, is :mod:`stefx.sites`.
 
 Selectors (``targets``, ``ignore``, ``within``, pattern elements) are strings:
 an op kind (``linear``, ``conv``, ``conv2d``, ``matmul``, ``sdpa``, ``embedding``,
@@ -23,18 +15,19 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from stefx.capture.graph import Capture, OpNode
 from stefx.capture.kinds import FUNCTIONAL_KINDS, MATMUL_KINDS, MODULE_WEIGHT_KINDS, kind_of_module
+from stefx.errors import RecipeError
 from stefx.pattern import Chains, bn_to_fold, chain_ends, find_chains
 from stefx.recipe import FIELDS, FLOAT, Recipe, Rule
+from stefx.sites import Site, counter, number_op_sites, op_site_name, weight_spec
 from stefx.ste.spec import QuantSpec
 
-__all__ = ["Candidate", "Plan", "Site", "match", "op_sites"]
+__all__ = ["Candidate", "Plan", "Site", "match"]
 
 _KIND_ALIASES = {"conv1d": ("conv", 1), "conv2d": ("conv", 2), "conv3d": ("conv", 3)}
 _GLOB = re.compile(r"[*?\[]")
@@ -49,33 +42,10 @@ class Candidate:
     module: str
     type_names: tuple[str, ...]  # MRO class names of the module (op sites: of the owner)
     params: tuple[str, ...] = ()  # local names of weight parameters the op reads
-    ordinal: int | None = None  # op sites: index among calls of this kind in the module
+    ordinal: int | None = None  # op sites: index among calls of its counter in the module
     op: OpNode | None = None
+    counter: str = ""  # op sites: what the ordinal counts (stefx.sites)
     expert_in_axis: dict[str, int] = field(default_factory=dict)  # fused [E, ., .] weights
-
-
-@dataclass(frozen=True)
-class Site:
-    """A place to put quantizers, with the spec each field got from the recipe."""
-
-    name: str
-    kind: str
-    module: str
-    module_type: str
-    params: tuple[str, ...]
-    ordinal: int | None
-    weights: QuantSpec | None
-    input_activations: QuantSpec | None
-    output_activations: QuantSpec | None
-    rules: tuple[int, ...]
-    operands: int = 0  # op sites: number of tensor inputs of the op
-    expert_in_axis: dict[str, int] = field(default_factory=dict)  # experts: param -> in axis
-    fold_bn: str = ""  # FQN of the BatchNorm folded into the weights while training (QAT)
-    ran: bool = True  # False: the module did not run on the example inputs
-
-    @property
-    def is_op_site(self) -> bool:
-        return self.ordinal is not None
 
 
 @dataclass
@@ -87,6 +57,11 @@ class Plan:
     candidates: list[Candidate]
     unmatched: list[Rule] = field(default_factory=list)
     capture: Capture | None = None  # the analysis graph the plan was matched on
+
+    def slim(self) -> Plan:
+        """The plan as the quantized model keeps it: recipe, sites and unmatched rules,
+        without the analysis graph and the candidates (small, copies and pickles)."""
+        return Plan(self.recipe, list(self.sites), [], list(self.unmatched), None)
 
     def rows(self) -> list[dict[str, str]]:
         """One row per site, for printing (``stefx.explain``)."""
@@ -168,40 +143,12 @@ def _expert_in_axis(op: OpNode, weight_shape: tuple[int, ...]) -> int:
     return 2
 
 
-def functional_ordinals(ops: list[OpNode]) -> dict[int, int]:
-    """id(op) -> its index among the calls with its site key in its module, for every op
-    that can carry an op site, weight-reading or not: the run-time interceptor sees them
-    all, so the numbering of op sites (``<module>.<key>_<n>``) must count them all too."""
-    counts: Counter[tuple[str, str]] = Counter()
-    out = {}
-    for op in ops:
-        key = op.site_key
-        if key is not None:
-            out[id(op)] = counts[(op.module, key)]
-            counts[(op.module, key)] += 1
-    return out
-
-
-def op_site_name(op: OpNode, ordinal: int) -> str:
-    key = op.site_key
-    return f"{op.module}.{key}_{ordinal}" if op.module else f"{key}_{ordinal}"
-
-
-def op_sites(ops: list[OpNode]) -> dict[str, OpNode]:
-    """Op-site name -> op for every weightless op that can carry an op site, named as
-    ``match`` names them."""
-    ordinals = functional_ordinals(ops)
-    return {
-        op_site_name(op, ordinals[id(op)]): op for op in ops if id(op) in ordinals and not op.params
-    }
-
-
 def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
     """Every selectable site of the captured model, in run order (first call)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     params = dict(model.named_parameters(remove_duplicate=False))
     slots: dict[tuple[str, str], int] = {}
-    ordinals = functional_ordinals(capture.ops)
+    ordinals = number_op_sites(capture.ops)
     out: list[Candidate] = []
     for op in capture.ops:
         module = modules.get(op.module)
@@ -237,8 +184,10 @@ def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
                     expert_in_axis={**old.expert_in_axis, **axes},
                 )
         elif ordinal is not None and not op.params and op.kind in FUNCTIONAL_KINDS:
-            name = op_site_name(op, ordinal)
-            out.append(Candidate(name, op.kind, op.module, _type_names(module), (), ordinal, op))
+            key = counter(op)
+            name = op_site_name(op.module, key, ordinal)
+            types = _type_names(module)
+            out.append(Candidate(name, op.kind, op.module, types, (), ordinal, op, counter=key))
     return out + _not_run(capture, model, {m for m, _ in slots})
 
 
@@ -353,7 +302,7 @@ def _tail_sites(
     rule: Rule, tails: list[OpNode], capture: Capture, modules: dict, by_name: dict
 ) -> list[Candidate]:
     """Candidates for the outputs of a pattern rule's chains (see ``pattern.chain_ends``)."""
-    ordinals = functional_ordinals(capture.ops)
+    ordinals = number_op_sites(capture.ops)
     out: dict[str, Candidate] = {}
     for where, tail in chain_ends(rule, tails, capture.ops, modules):
         module = modules.get(tail.module)
@@ -362,10 +311,11 @@ def _tail_sites(
                 tail.module, tail.kind, tail.module, _type_names(module), op=tail
             )
         else:
-            n = ordinals[id(tail)]
-            name = op_site_name(tail, n)
+            n, key = ordinals[id(tail)], counter(tail)
+            name = op_site_name(tail.module, key, n)
+            types = _type_names(module)
             cand = by_name.get(name) or Candidate(
-                name, tail.site_key, tail.module, _type_names(module), (), n, tail
+                name, key, tail.module, types, (), n, tail, counter=key
             )
         out.setdefault(cand.name, cand)
     return list(out.values())
@@ -409,20 +359,65 @@ def match(recipe: Recipe, capture: Capture, model: nn.Module) -> Plan:
             specs["weights"] = None
         if all(v is None for v in specs.values()):
             continue
-        sites.append(
-            Site(
-                name=cand.name,
-                kind=cand.kind,
-                module=cand.module,
-                module_type=cand.type_names[0] if cand.type_names else "",
-                params=cand.params if specs["weights"] is not None else (),
-                ordinal=cand.ordinal,
-                rules=tuple(entry["rules"]),
-                expert_in_axis=cand.expert_in_axis,
-                operands=sum(s is not None for s in cand.op.input_shapes) if cand.op else 0,
-                fold_bn=str(entry.get("fold_bn", "")) if specs["weights"] is not None else "",
-                ran=cand.op is not None,
-                **specs,
-            )
-        )
+        sites.append(_site(cand, entry, specs, modules))
     return Plan(recipe, sites, cands, unmatched, capture)
+
+
+def _site(cand: Candidate, entry: dict, specs: dict, modules: dict) -> Site:
+    """The Site record of a selected candidate, its weight specs and fold axis resolved."""
+    module = modules[cand.module]
+    module_type = cand.type_names[0] if cand.type_names else ""
+    weighted = specs["weights"] is not None
+    params = cand.params if weighted else ()
+    weight_specs = {
+        p: weight_spec(
+            specs["weights"],
+            tuple(module.get_parameter(p).shape),
+            cand.kind,
+            "Conv1D" if "Conv1D" in cand.type_names else module_type,
+            cand.expert_in_axis.get(p),
+        )
+        for p in params
+    }
+    fold_bn = str(entry.get("fold_bn", "")) if weighted else ""
+    fold_axis = None
+    if fold_bn and "weight" in params:
+        fold_axis = _fold_axis(module, modules[fold_bn], f"site {cand.name!r}")
+    return Site(
+        name=cand.name,
+        kind=cand.kind,
+        module=cand.module,
+        module_type=module_type,
+        params=params,
+        ordinal=cand.ordinal,
+        rules=tuple(entry["rules"]),
+        expert_in_axis=cand.expert_in_axis,
+        operands=sum(s is not None for s in cand.op.input_shapes) if cand.op else 0,
+        fold_bn=fold_bn,
+        fold_axis=fold_axis,
+        ran=cand.op is not None,
+        counter=cand.counter,
+        weight_specs=weight_specs,
+        **specs,
+    )
+
+
+def _fold_axis(module: nn.Module, bn: nn.Module, where: str) -> int:
+    """The output-channel axis of ``module.weight`` that ``bn``'s statistics scale."""
+    axis = 0
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        if module.groups != 1:
+            raise RecipeError(
+                f"{where}: fold_bn on a grouped ConvTranspose (groups={module.groups}) is not "
+                "supported: its output channels are not one weight axis; remove fold_bn"
+            )
+        axis = 1  # weight [in, out, *k]
+    elif type(module).__name__ == "Conv1D":
+        axis = 1  # Hugging Face Conv1D: weight [in, out]
+    n = module.weight.shape[axis]
+    if n != bn.num_features:
+        raise RecipeError(
+            f"{where}: fold_bn: the weight has {n} output channels but the BatchNorm has "
+            f"{bn.num_features} features; only a BatchNorm over this op's outputs can fold"
+        )
+    return axis

@@ -18,6 +18,7 @@ from torch import nn
 from stefx.capture.graph import Capture, OpNode
 from stefx.errors import RecipeError
 from stefx.recipe import Rule
+from stefx.sites import counter
 
 __all__ = ["Chains", "bn_to_fold", "chain_ends", "find_chains", "op_matches"]
 
@@ -134,7 +135,7 @@ def chain_ends(
         if leaf and id(tail) in ends:
             per_module[tail.module] += 1
             out.append(("module", tail))
-        elif tail.site_key is not None and not tail.params:
+        elif counter(tail) is not None and not tail.params:
             out.append(("op", tail))
         else:
             raise RecipeError(

@@ -124,11 +124,11 @@ def test_quantize_contract(name):
     for name, module in quantized_modules(model).items():
         if expected and name not in expected:
             continue  # e.g. a branch of a data-dependent module this input does not take
-        for p in getattr(module, STATE_ATTR).params:
-            latent = getattr(module, p)
+        for p, qname in getattr(module, STATE_ATTR).swaps.items():
+            latent = module.get_parameter(p)
             assert isinstance(latent, nn.Parameter), "latent weight not restored after forward"
             assert latent.grad is not None and latent.grad.abs().sum() > 0, p
-            q = getattr(module, f"{p}_quantizer")
+            q = module.get_submodule(qname)
             if isinstance(q.scale, nn.Parameter):
                 assert q.scale.grad is not None, f"{p}: no gradient reached the learned step"
 

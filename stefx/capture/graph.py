@@ -12,8 +12,6 @@ from typing import Any
 
 import torch.fx as fx
 
-from stefx.capture.kinds import site_key
-
 __all__ = ["Capture", "OpNode"]
 
 Shape = tuple[int, ...]
@@ -56,7 +54,8 @@ class OpNode:
     buffers:      role -> buffer FQN for buffers the op reads (running_mean, inv_freq).
     param_shapes: role -> shape of each parameter in ``params``.
     call:         the call's name as ``kinds.call_name`` spells it ("relu", "add",
-                  "matmul"); "" for a leaf module call. Op-site ordinals count it.
+                  "matmul"); "" for a leaf module call. Op-site ordinals count it
+                  (``stefx.sites``).
     """
 
     name: str
@@ -73,20 +72,6 @@ class OpNode:
     buffers: dict[str, str] = field(default_factory=dict)
     param_shapes: dict[str, Shape] = field(default_factory=dict)
     call: str = ""
-
-    @property
-    def site_key(self) -> str | None:
-        """What this op's op-site ordinal counts (``kinds.site_key``): its kind for
-        matmul-like ops, its call name for pointwise ops; None for ops that carry no op
-        site. Arithmetic on sizes (``x.size(-1) // 2``: no tensor in or out) is traced
-        but runs as plain Python, so it is not counted."""
-        if (
-            self.kind == "elementwise"
-            and not self.dtype
-            and all(s is None for s in self.input_shapes)
-        ):
-            return None
-        return site_key(self.kind, self.call)
 
 
 @dataclass

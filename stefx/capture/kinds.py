@@ -26,7 +26,6 @@ __all__ = [
     "call_name",
     "kind_of_function",
     "kind_of_module",
-    "site_key",
     "target_name",
 ]
 
@@ -300,14 +299,3 @@ def call_name(target: Any) -> str:
     if name.endswith("_") and name[:-1] in _KIND_BY_NAME:
         name = name[:-1]
     return name
-
-
-def site_key(kind: str, call: str) -> str | None:
-    """What op sites of this call are counted under inside one module's forward: the
-    kind for matmul-like ops (``matmul_0``), the call name for pointwise ops (``relu_1``);
-    None for ops that cannot carry an op site."""
-    if kind in FUNCTIONAL_KINDS:
-        return kind
-    if kind == "elementwise" and call:
-        return call
-    return None

@@ -27,11 +27,12 @@ from torch import nn
 from stefx.capture.graph import Capture, OpNode
 from stefx.capture.kinds import FUNCTIONAL_KINDS, MODULE_WEIGHT_KINDS
 from stefx.errors import CaptureError, StefxError
-from stefx.match import module_op_kind, op_sites, unread_weights
+from stefx.match import module_op_kind, unread_weights
 from stefx.profile.costs import Cost, cost_of, dtype_bits
 from stefx.profile.hardware import energy, load_energy_table, load_hardware, roofline_latency
 from stefx.profile.measure import input_sizes, measure_model
 from stefx.profile.report import OpCost, Report
+from stefx.sites import op_sites
 
 __all__ = ["OpBits", "profile"]
 
@@ -202,27 +203,24 @@ def _float_view(model: nn.Module) -> Iterator[None]:
     """Capture a quantized model as its float self: stefx's hooks are set aside while
     capturing and put back afterwards (the same dict objects), so the analysis graph has
     the float model's ops and the plan's sites line up with them."""
-    from stefx.rewrite import quantized_modules
+    from stefx.runtime import is_stefx_hook
 
-    ids = {
-        h.id
-        for m in quantized_modules(model).values()
-        for h in (*m._stefx_state.handles, *m._stefx_state.child_handles)
-    }
     saved = []
-    if ids:
-        for module in model.modules():
-            for attr in _HOOK_DICTS:
-                hooks = getattr(module, attr, None)
-                if hooks and any(k in ids for k in hooks):
-                    saved.append((module, attr, hooks))
-                    kept = type(hooks)((k, v) for k, v in hooks.items() if k not in ids)
-                    setattr(module, attr, kept)
+    for module in model.modules():
+        hooks = module._forward_pre_hooks, module._forward_hooks
+        ids = {k for table in hooks for k, h in table.items() if is_stefx_hook(h)}
+        if not ids:
+            continue
+        for attr in _HOOK_DICTS:
+            table = getattr(module, attr)
+            if any(k in ids for k in table):
+                saved.append((module, attr, table))
+                setattr(module, attr, type(table)((k, v) for k, v in table.items() if k not in ids))
     try:
         yield
     finally:
-        for module, attr, hooks in saved:
-            setattr(module, attr, hooks)
+        for module, attr, table in saved:
+            setattr(module, attr, table)
 
 
 def _without_quantizer_params(ops: list[OpNode], nodes: dict, model: nn.Module):
@@ -291,12 +289,11 @@ def _local(fqn: str, module: str) -> str:
     return fqn[len(module) + 1 :] if module and fqn.startswith(module + ".") else fqn
 
 
-def _scale_groups(site, shape: tuple[int, ...], in_axis: int | None) -> int:
-    """Scale groups of a weight quantizer on ``shape``, as stefx.rewrite builds it."""
-    from stefx.rewrite import weight_spec
+def _scale_groups(site, param: str, shape: tuple[int, ...]) -> int:
+    """Scale groups of a weight quantizer on ``shape``, by the site's resolved spec."""
     from stefx.ste.granularity import Granularity
 
-    spec = weight_spec(site.weights, shape, site.kind, in_axis)
+    spec = site.weight_specs.get(param, site.weights)
     try:
         return Granularity(spec.strategy, spec.axis, spec.group_size).num_groups(shape)
     except ValueError:
@@ -335,8 +332,7 @@ def plan_bits(plan: Any, ops: list[OpNode], model: nn.Module) -> dict[int, OpBit
                 if _local(fqn, op.module) in site.params and role in op.param_shapes:
                     shape = tuple(op.param_shapes[role])
                     quantized.add(fqn)
-                    axis = site.expert_in_axis.get(_local(fqn, op.module))
-                    groups += _scale_groups(site, shape, axis)
+                    groups += _scale_groups(site, _local(fqn, op.module), shape)
         w_bits = site.weights.num_bits if quantized else None
         overhead = None
         if quantized and not site.weights.symmetric:  # a zero point per group, at w_bits

@@ -108,6 +108,30 @@ class Quantizer(nn.Module):
         ``mixes_strength``, already mixed with ``x`` by the strength λ)."""
         raise NotImplementedError
 
+    def sharing_key(self) -> tuple | None:
+        """A key equal for two quantizers exactly when they map every tensor to the same
+        output (no learned or frozen state): the run time then quantizes a tensor that
+        several modules read once. None (the default): never shared."""
+        return None
+
+    def _stateless_key(self, *extra: object) -> tuple:
+        """The sharing key of a quantizer that is a pure function of its spec."""
+        s = self.spec
+        return (
+            type(self),
+            s.num_bits,
+            s.strategy,
+            s.axis,
+            s.group_size,
+            s.symmetric,
+            s.scale,
+            s.estimator,
+            s.options,
+            self.enabled,
+            self._strength,
+            *extra,
+        )
+
     def init_from(self, x: torch.Tensor) -> None:
         """Initialise learned state (scales, offsets) from a sample tensor. Default: none."""
 

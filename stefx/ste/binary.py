@@ -284,6 +284,9 @@ class BinaryQuantizer(Quantizer):
             raise RecipeError(f"progress={value!r} is invalid; expected a number in [0, 1]")
         self._progress = float(value)
 
+    def sharing_key(self) -> tuple | None:
+        return self._stateless_key(tuple(self.estimator_params().values()))
+
     def estimator_params(self) -> dict[str, float]:
         """The numbers the estimator reads: ``beta``, and EDE's ``t`` and ``k`` now."""
         o = self.spec.options

@@ -162,5 +162,8 @@ class DoReFaQuantizer(Quantizer):
         self.levels = 2**self.bits - 1
         self.role = self.spec.options["role"]
 
+    def sharing_key(self) -> tuple | None:
+        return self._stateless_key()
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return dorefa(x, self.levels, self.role, self._strength)[0]

@@ -155,6 +155,9 @@ class TernaryQuantizer(Quantizer):
         if self.spec.scale == "seq":
             self.alpha = nn.Parameter(torch.empty(0))
 
+    def sharing_key(self) -> tuple | None:
+        return None if self.spec.scale == "seq" else self._stateless_key()
+
     def init_from(self, x: torch.Tensor) -> None:
         """``seq``: set α to max|W| per group (NaN and ±inf ignored). Others: nothing."""
         if self.spec.scale == "seq":

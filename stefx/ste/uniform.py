@@ -180,6 +180,9 @@ class UniformQuantizer(Quantizer):
         self.register_buffer("scale", torch.empty(0), persistent=True)
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32), persistent=True)
 
+    def sharing_key(self) -> tuple | None:
+        return None if self.frozen else self._stateless_key()
+
     def qparams(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point for each row of ``rows`` (frozen ones if frozen)."""
         if self.frozen:

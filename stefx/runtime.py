@@ -1,0 +1,239 @@
+"""Runtime: what a quantized module does when it runs. :mod:`stefx.rewrite` attaches it.
+
+Each quantized module carries a :class:`ModuleState` (``module._stefx_state``) and two
+hooks, module-level functions so the model deep-copies and pickles:
+
+- the forward pre-hook swaps each quantized weight in for the duration of the forward
+  (``m._parameters["weight"] = q(latent)``: outside forward, ``m.weight`` is the latent
+  ``nn.Parameter`` the state dict, optimizers and weight tying see), quantizes the input,
+  and enters the module's :class:`~stefx.intercept.OpInterceptor` when it has op sites;
+- the always-called forward hook leaves the interceptor, puts the latent weights back,
+  and quantizes the output.
+
+A module whose quantizers are all disabled (``enabled = False`` or strength 0) runs its
+plain float forward: the hooks return at once.
+
+Eager-mode extras that ``torch.compile`` does not need (it fuses and deduplicates
+itself): one input tensor quantized by several modules with the same stateless spec (a
+decoder's q/k/v projections, gate/up of an MLP) is quantized once and shared; and a
+planned op site that a forward never reached is reported with a warning, once.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from stefx.intercept import OpEntry, OpInterceptor
+from stefx.ste.base import Quantizer
+
+__all__ = [
+    "STATE_ATTR",
+    "ModuleState",
+    "fold_scale",
+    "is_stefx_hook",
+    "post_hook",
+    "pre_hook",
+    "quantizer_name",
+    "restore",
+]
+
+STATE_ATTR = "_stefx_state"
+
+
+@dataclass(eq=False)
+class ModuleState:
+    """What stefx attached to one module, by name (the quantizers are its submodules).
+
+    swaps:        weight parameter (local name) -> quantizer swapped in for the forward.
+    call_weights: site kind -> {weight: quantizer} for weights quantized at each call of
+                  that kind instead (several ops of the module read the weight with
+                  different specs).
+    input, output: quantizer of the module's input / output, or None.
+    op_table:     (counter, ordinal) -> :class:`OpEntry` for op sites.
+    fold:         weight -> (BatchNorm, weight axis) folded into it while training.
+    added:        attributes stefx added (removed by ``dequantize``).
+    """
+
+    swaps: dict[str, str] = field(default_factory=dict)
+    call_weights: dict[str, dict[str, str]] = field(default_factory=dict)
+    input: str | None = None
+    output: str | None = None
+    op_table: dict[tuple[str, int], OpEntry] = field(default_factory=dict)
+    fold: dict[str, tuple[nn.Module, int]] = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)
+    # transient, only during a forward; never copied or pickled
+    latent: dict[str, nn.Parameter] = field(default_factory=dict)
+    interceptor: OpInterceptor | None = None
+    warned: bool = False
+
+    def quantizers(self, module: nn.Module) -> list[Quantizer]:
+        """Every quantizer this state names, on ``module``."""
+        names = [*self.swaps.values(), *(n for w in self.call_weights.values() for n in w.values())]
+        names += [n for n in (self.input, self.output) if n is not None]
+        out = [module._modules[n] for n in names]
+        if self.op_table:
+            out += list(module._modules["op_quantizers"].values())
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(latent={}, interceptor=None, warned=False)
+        return state
+
+
+def quantizer_name(param: str) -> str:
+    """The submodule holding a weight's quantizer: ``weight`` -> ``weight_quantizer``,
+    ``out_proj.weight`` (a child's weight the module reads) -> ``out_proj_weight_quantizer``."""
+    return f"{param.replace('.', '_')}_quantizer"
+
+
+def fold_scale(bn: nn.Module, axis: int, weight: torch.Tensor) -> torch.Tensor:
+    """γ/√(σ²+ε) per output channel, shaped to broadcast along ``weight``'s ``axis``.
+
+    A channel with γ = 0 keeps scale 1: its BatchNorm output is β whatever the weight.
+    """
+    std = torch.sqrt(bn.running_var.to(weight.dtype) + bn.eps)
+    s = bn.weight.to(weight.dtype) / std if bn.weight is not None else std.reciprocal()
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return s.reshape(shape)
+
+
+def _slot(module: nn.Module, param: str) -> tuple[nn.Module, str]:
+    """The module that holds ``param`` in its ``_parameters``, and the key there."""
+    owner, _, name = param.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), name
+
+
+def _active(q: Quantizer) -> bool:
+    return q.enabled and q._strength != 0.0
+
+
+def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    state: ModuleState = module.__dict__[STATE_ATTR]
+    if not any(_active(q) for q in state.quantizers(module)):
+        return None  # the float forward, untouched
+    for p, qname in state.swaps.items():
+        owner, key = _slot(module, p)
+        latent = owner._parameters[key]
+        state.latent[p] = latent
+        q = module._modules[qname]
+        fold = state.fold.get(p)
+        if fold is not None and _active(q):
+            s = fold_scale(*fold, latent)
+            owner._parameters[key] = q(latent * s) / s
+        else:
+            owner._parameters[key] = q(latent)
+    if state.input is not None:
+        args, kwargs = _quantize_first_input(module._modules[state.input], args, kwargs)
+    if state.op_table or state.call_weights:
+        state.interceptor = OpInterceptor(module, state.op_table, state.call_weights)
+        state.interceptor.__enter__()
+    return args, kwargs
+
+
+def post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    state: ModuleState = module.__dict__[STATE_ATTR]
+    mode = state.interceptor
+    if mode is not None:
+        state.interceptor = None
+        mode.__exit__(None, None, None)
+        if not state.warned and not _compiling():
+            _warn_unfired(state, mode)
+    restore(module, state)
+    floating = isinstance(output, torch.Tensor) and output.is_floating_point()
+    if state.output is not None and floating:
+        return module._modules[state.output](output)
+    return output
+
+
+def restore(module: nn.Module, state: ModuleState) -> None:
+    """Put the latent float parameters back after a forward (or on dequantize)."""
+    for p, latent in state.latent.items():
+        owner, key = _slot(module, p)
+        owner._parameters[key] = latent
+    state.latent.clear()
+
+
+def _warn_unfired(state: ModuleState, mode: OpInterceptor) -> None:
+    missed = mode.unfired()
+    if missed:
+        state.warned = True
+        warnings.warn(
+            f"stefx: planned op site(s) {', '.join(missed)} did not run in this forward, so "
+            "their quantizers did nothing; the forward took another path than the one "
+            "captured (a branch, another attention implementation). stefx.explain(model, "
+            "recipe, example_inputs) with inputs like these shows the sites this path has.",
+            stacklevel=3,
+        )
+
+
+def suspend(owner: nn.Module, child: nn.Module, args: tuple) -> None:
+    """Ops inside a child module belong to the child: stop counting for the owner."""
+    mode = owner.__dict__[STATE_ATTR].interceptor
+    if mode is not None:
+        mode.suspended += 1
+
+
+def resume(owner: nn.Module, child: nn.Module, args: tuple, output: Any) -> None:
+    mode = owner.__dict__[STATE_ATTR].interceptor
+    if mode is not None and mode.suspended:
+        mode.suspended -= 1
+
+
+def is_stefx_hook(hook: object) -> bool:
+    """Whether a registered hook is one of stefx's (plain, or bound to an owner)."""
+    fn = getattr(hook, "func", hook)  # functools.partial
+    return fn in (pre_hook, post_hook, suspend, resume)
+
+
+# -- one quantized input shared by several modules (eager only) ------------------------------
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+class _LastInput(threading.local):
+    slot: tuple | None = None
+
+
+_last = _LastInput()
+
+
+def shared(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
+    """``q(x)``, reusing the result of the previous call when it quantized this same
+    tensor (same object, unchanged) with an identical stateless quantizer."""
+    key = None if _compiling() else q.sharing_key()
+    if key is None:
+        return q(x)
+    key = (key, torch.is_grad_enabled())
+    slot = _last.slot
+    if slot is not None and slot[0]() is x and slot[1] == x._version and slot[2] == key:
+        y = slot[3]()
+        if y is not None and y._version == slot[4]:
+            return y
+    y = q(x)
+    _last.slot = (weakref.ref(x), x._version, key, weakref.ref(y), y._version)
+    return y
+
+
+def _quantize_first_input(q: Quantizer, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Quantize the module's input: its first tensor argument, and every other argument
+    that is the same tensor (self-attention passes x as query, key and value: all three
+    must see the one quantized x, and nn.MultiheadAttention's ``query is key`` holds)."""
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if first is None or not first.is_floating_point():
+        return args, kwargs
+    y = shared(q, first)
+    args = tuple(y if a is first else a for a in args)
+    kwargs = {k: (y if v is first else v) for k, v in kwargs.items()}
+    return args, kwargs
