@@ -19,7 +19,6 @@ model with op sites still compiles into one graph.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +43,19 @@ class OpEntry:
     site: str = ""
 
 
-@functools.lru_cache(maxsize=2048)
+_WEIGHT_KINDS: dict[Any, str] = {}
+
+
+@torch.compiler.assume_constant_result
 def weight_kind_of_function(func: Any) -> str:
     """The site kind of a call that may read a module's weight: ``linear`` for every
     matrix product but fused experts (HF Conv1D's addmm is a linear site), else the kind."""
-    kind = kind_of_function(func)
-    return "linear" if kind in MATMUL_KINDS and kind != "experts" else kind
+    try:
+        return _WEIGHT_KINDS[func]
+    except KeyError:
+        kind = kind_of_function(func)
+        kind = _WEIGHT_KINDS[func] = "linear" if kind in MATMUL_KINDS - {"experts"} else kind
+        return kind
 
 
 class OpInterceptor(TorchFunctionMode):

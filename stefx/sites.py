@@ -25,11 +25,12 @@ input dimension) is decided here too, once, and kept on the :class:`Site`.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from stefx.capture.graph import OpNode
 from stefx.capture.kinds import FUNCTIONAL_KINDS, call_name, kind_of_function
@@ -103,10 +104,18 @@ def counter(op: OpNode) -> str | None:
     return call_counter(op.kind, op.call)
 
 
-@functools.lru_cache(maxsize=2048)
+_COUNTERS: dict[Any, str | None] = {}
+
+
+@torch.compiler.assume_constant_result
 def counter_of_function(func: Any) -> str | None:
-    """The counter of a torch-level callable as the run time sees it (same tables)."""
-    return call_counter(kind_of_function(func), call_name(func))
+    """The counter of a torch-level callable as the run time sees it (same tables). A
+    constant of the callable: under ``torch.compile`` it is looked up while tracing."""
+    try:
+        return _COUNTERS[func]
+    except KeyError:
+        key = _COUNTERS[func] = call_counter(kind_of_function(func), call_name(func))
+        return key
 
 
 def number_op_sites(ops: list[OpNode]) -> dict[int, int]:

@@ -169,7 +169,8 @@ def _fast_sign(x: torch.Tensor) -> torch.Tensor:
 def _binarize_fake(x, scale, estimator, beta, t, k, strategy, axis, mask_out, strength):
     est = SIGN_ESTIMATORS.get(estimator)
     keep_mask = mask_out and est.indicator and scale == "none" and x.numel() > 0
-    return torch.empty_like(x), x.new_empty(x.shape if keep_mask else 0, dtype=torch.bool)
+    mask = torch.empty_like(x, dtype=torch.bool) if keep_mask else x.new_empty(0, dtype=torch.bool)
+    return ops.fake_rows_output(x), mask
 
 
 def _binarize_setup(ctx, inputs, output):
@@ -240,7 +241,7 @@ def binarize(
     keep_mask = mask_out and est.indicator and scale == "none" and x.numel() > 0
     params = {"beta": beta, "t": t, "k": k}
     mask = est.derivative(x, params) if keep_mask else x.new_empty(0, dtype=torch.bool)
-    return gran.unrows(y, x.shape), mask
+    return ops.from_rows(gran, y, x), mask
 
 
 def _bad_option(where: str, key: str, value: object, fix: str) -> RecipeError:

@@ -100,8 +100,9 @@ def _sign_mean(w: torch.Tensor) -> torch.Tensor:
 
 
 def _dorefa_fake(x, levels, role, strength):
-    mask = x.shape if role == "activation" else 0
-    return torch.empty_like(x), x.new_empty(mask, dtype=torch.bool)
+    if role == "activation":
+        return ops.fake_rows_output(x), torch.empty_like(x, dtype=torch.bool)
+    return ops.fake_rows_output(x), x.new_empty(0, dtype=torch.bool)
 
 
 def _dorefa_setup(ctx, inputs, output):
@@ -133,7 +134,7 @@ def dorefa(
         y = ((xf.clamp(0.0, 1.0) * levels).round() / levels).to(x.dtype)
         return ops.mix(x, y, strength), mask
     if x.numel() == 0:
-        return torch.empty_like(x), empty
+        return ops.fake_rows_output(x), empty
     y = _sign_mean(x) if levels == 1 else _weight_forward(x, levels)
     return ops.mix(x, y, strength), empty
 

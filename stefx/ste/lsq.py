@@ -111,7 +111,7 @@ def _lsq_grad_scale(x: Tensor, groups: int, qmax: int, on: bool) -> float:
 
 
 def _lsq_fake(x, scale, offset, qmin, qmax, grad_scale, strategy, axis, group_size, strength):
-    return torch.empty_like(x)
+    return ops.fake_rows_output(x)
 
 
 def _lsq_setup(ctx, inputs, output):
@@ -161,7 +161,7 @@ def learned_step(
     if b is not None:
         y.add_(b)
     # u is a fresh buffer (the division), so y never aliases x
-    return ops.mix(x, gran.unrows(y, x.shape).to(x.dtype), strength)
+    return ops.mix(x, ops.from_rows(gran, y, x).to(x.dtype), strength)
 
 
 def _finite_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

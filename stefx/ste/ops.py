@@ -39,6 +39,8 @@ __all__ = [
     "NAMESPACE",
     "apply_mask",
     "define",
+    "fake_rows_output",
+    "from_rows",
     "granularity",
     "is_stefx_op",
     "mix",
@@ -109,6 +111,22 @@ def mix_input_grad(grad: Tensor, grad_q: Tensor | None, strength: float) -> Tens
     if grad_q is None or strength == 1.0:
         return grad_q
     return grad_q + grad * (1.0 - strength)
+
+
+def fake_rows_output(x: Tensor) -> Tensor:
+    """Fake kernel output of every stefx op: ``empty_like(x)``, so the output has the
+    input's layout (what the real kernels return, see :func:`from_rows`, and what
+    inductor assumes when it picks the input's strides)."""
+    return torch.empty_like(x)
+
+
+def from_rows(gran: Granularity, y: Tensor, like: Tensor) -> Tensor:
+    """The row-view result ``y`` back in the shape and layout of ``like`` (the op's
+    input): free when both are contiguous, one copy otherwise."""
+    out = gran.unrows(y, like.shape)
+    if out.stride() == like.stride() or like.numel() <= 1:
+        return out
+    return torch.empty_like(like).copy_(out)
 
 
 def apply_mask(grad: Tensor, mask: Tensor) -> Tensor:

@@ -54,7 +54,7 @@ _EPS = 1e-12
 
 
 def _pact_fake(x, alpha, levels, strength):
-    return torch.empty_like(x)
+    return ops.fake_rows_output(x)
 
 
 def _pact_setup(ctx, inputs, output):

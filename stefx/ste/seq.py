@@ -109,7 +109,7 @@ def seq_levels(u: torch.Tensor, grid: SeqGrid) -> torch.Tensor:
 
 
 def _seq_fake(x, alpha, n_levels, shift, code_bound, eps, strategy, axis, strength):
-    return torch.empty_like(x)
+    return ops.fake_rows_output(x)
 
 
 def _seq_setup(ctx, inputs, output):
@@ -157,7 +157,7 @@ def stretched_elastic(
     rows = gran.rows(x)
     a = _step(alpha, eps)
     y = (seq_levels(wide(rows) / a, SeqGrid(n_levels, shift, code_bound)) * a).to(x.dtype)
-    return gran.unrows(ops.mix(rows, y, strength), x.shape)
+    return ops.from_rows(gran, ops.mix(rows, y, strength), x)
 
 
 @torch.no_grad()

@@ -102,7 +102,7 @@ def twn_ternary(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _ternarize_fake(x, method, eps, strategy, axis, strength):
-    return torch.empty_like(x)
+    return ops.fake_rows_output(x)
 
 
 def _ternarize_setup(ctx, inputs, output):
@@ -130,7 +130,7 @@ def ternarize(
     y = absmean_ternary(rows, eps) if method == "absmean" else twn_ternary(rows)
     if y.data_ptr() == rows.data_ptr():
         y = y.clone()
-    return gran.unrows(ops.mix(rows, y, strength), x.shape)
+    return ops.from_rows(gran, ops.mix(rows, y, strength), x)
 
 
 @register_quantizer("ternary")

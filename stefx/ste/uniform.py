@@ -82,10 +82,11 @@ def _needs_mask(frozen: bool, symmetric: bool, clip: bool) -> bool:
 
 def _fake(x, scale, zero_point, num_bits, symmetric, strategy, axis, group_size, clip, strength):
     g = ops.granularity(strategy, axis, group_size)
+    y = ops.fake_rows_output(x)
     if not _needs_mask(scale is not None, symmetric, clip) or x.numel() == 0:
-        return torch.empty_like(x), x.new_empty(0, dtype=torch.bool)
+        return y, x.new_empty(0, dtype=torch.bool)
     groups = g.num_groups(x.shape)
-    return torch.empty_like(x), x.new_empty((groups, x.numel() // groups), dtype=torch.bool)
+    return y, x.new_empty((groups, x.numel() // groups), dtype=torch.bool)
 
 
 def _setup(ctx, inputs, output):
@@ -122,7 +123,7 @@ def fake_quant(
     gran = ops.granularity(strategy, axis, group_size)
     rows = gran.rows(x)
     if x.numel() == 0:
-        return torch.empty_like(x), x.new_empty(0, dtype=torch.bool)
+        return ops.fake_rows_output(x), x.new_empty(0, dtype=torch.bool)
     qmin, qmax = code_range(num_bits, symmetric)
     frozen = scale is not None
     if not frozen:
@@ -145,7 +146,7 @@ def fake_quant(
     codes.mul_(s)
     y = codes.to(x.dtype) if codes.dtype != x.dtype else codes
     y = ops.mix(rows, y, strength)
-    return gran.unrows(y, x.shape), mask
+    return ops.from_rows(gran, y, x), mask
 
 
 @register_quantizer("uniform")
