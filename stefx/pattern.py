@@ -9,6 +9,7 @@ Pure: reads the captured graph and the model, returns records or raises RecipeEr
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -20,31 +21,64 @@ from stefx.errors import RecipeError
 from stefx.recipe import Rule
 from stefx.sites import counter
 
-__all__ = ["Chains", "bn_to_fold", "chain_ends", "find_chains", "op_matches"]
+__all__ = ["Chains", "bn_to_fold", "chain_ends", "find_chains", "op_matches", "op_names"]
 
 Chains = list[list[OpNode]]
 FOLDABLE_KINDS = ("linear", "conv", "conv_transpose")
 
 _CONV_DIMS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+# aten spellings of one op, to the name a pattern writes
+_CANONICAL = {
+    "native_batch_norm": "batch_norm",
+    "_native_batch_norm_legit": "batch_norm",
+    "_native_batch_norm_legit_no_training": "batch_norm",
+    "_native_batch_norm_legit_functional": "batch_norm",
+    "native_layer_norm": "layer_norm",
+    "native_group_norm": "group_norm",
+    "_softmax": "softmax",
+    "_log_softmax": "log_softmax",
+    "convolution": "conv",
+    "_convolution": "conv",
+}
+_DIMS = re.compile(r"[123]d$")
 
 
 def _squash(text: str) -> str:
     return text.lower().replace("_", "")
 
 
-def op_matches(selector: str, op: OpNode) -> bool:
-    """Whether a pattern element names this op: by kind, module class, or op target name.
+def op_names(op: OpNode) -> frozenset[str]:
+    """The names a pattern element can call this op by, squashed (lower case, no ``_``):
+    a function call by its call name (``relu``, ``add``; aten spellings such as
+    ``_native_batch_norm_legit`` by the op's own name, ``batch_norm``), a leaf module by
+    its class name with and without a ``1d``/``2d``/``3d`` suffix (``BatchNorm2d`` is
+    ``batch_norm`` and ``batch_norm2d``)."""
+    if op.call:
+        return frozenset({_squash(_CANONICAL.get(op.call, op.call))})
+    cls = _squash(op.module_type or op.target)
+    return frozenset({cls, _DIMS.sub("", cls)})
 
-    >>> op_matches("batch_norm", OpNode("bn", "norm", "BatchNorm2d"))
+
+def op_matches(selector: str, op: OpNode) -> bool:
+    """Whether a pattern element names this op: its kind, its module class, or its name
+    (exactly, see :func:`op_names`: ``add`` is not ``addmm``, ``relu`` not ``leaky_relu``).
+
+    >>> op_matches("batch_norm", OpNode("bn", "norm", "BatchNorm2d", module_type="BatchNorm2d"))
     True
+    >>> op_matches("add", OpNode("a", "addmm", "aten.addmm.default", call="addmm"))
+    False
     """
-    if selector in _CONV_DIMS:
-        return op.kind == "conv" and (
-            op.module_type == f"Conv{_CONV_DIMS[selector]}d" or selector in _squash(op.target)
-        )
+    if selector in _CONV_DIMS:  # conv2d: an nn.Conv2d, F.conv2d, or a 4-D aten.convolution
+        dims = _CONV_DIMS[selector]
+        if op.kind != "conv":
+            return False
+        if op.module_type == f"Conv{dims}d" or op.call == selector:
+            return True
+        rank = len(op.input_shapes[0] or ()) if op.input_shapes else 0
+        return op.call in ("convolution", "_convolution") and rank == dims + 2
     if selector in (op.kind, op.module_type):
         return True
-    return _squash(selector) in _squash(op.target)
+    return _squash(selector) in op_names(op)
 
 
 def _next(node: fx.Node) -> fx.Node | None:

@@ -114,7 +114,7 @@ def _slot(module: nn.Module, param: str) -> tuple[nn.Module, str]:
 
 
 def _active(q: Quantizer) -> bool:
-    return q.enabled and q._strength != 0.0
+    return q.enabled and not q._off
 
 
 def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

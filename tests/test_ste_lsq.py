@@ -370,7 +370,7 @@ def test_backward_saves_only_input_and_parameters(dtype, type_, strategy, streng
     q.init_from(x)
     y, tensors = saved_during_forward(q, x)
     saved = [signature(t) for t in tensors]
-    allowed = {signature(x)} | {signature(p) for p in q.parameters()}
+    allowed = {signature(x)} | {signature(p) for p in (*q.parameters(), *q.buffers())}
     floats = [s for s in saved if s[0].is_floating_point]
     assert floats and all(s in allowed for s in floats), saved
     assert all(s[0] == torch.bool for s in saved if not s[0].is_floating_point)

@@ -77,6 +77,8 @@ class Quantizer(nn.Module):
             spec = parse_spec({"type": self.type_name, **spec})
         self.spec = spec
         self.enabled = spec.enabled
+        # λ as a tensor the ops read (not in the state dict): see strength_arg
+        self.register_buffer("_strength_t", torch.ones(()), persistent=False)
         self.strength = spec.strength
         self.granularity = Granularity(spec.strategy, spec.axis, spec.group_size)
 
@@ -94,13 +96,34 @@ class Quantizer(nn.Module):
         if not 0.0 <= float(value) <= 1.0:
             raise RecipeError(f"strength={value!r} is invalid; expected a number in [0, 1]")
         self._strength = float(value)
+        # bools, not the float, are what forward branches on: torch.compile guards on them
+        self._off, self._full = self._strength == 0.0, self._strength == 1.0
+        self._sync_buffers()
+
+    def strength_arg(self) -> torch.Tensor | None:
+        """λ as the stefx ops take it: None for λ = 1, else a 0-dim tensor. Under
+        ``torch.compile`` only λ = 1 versus λ < 1 is a guard, so a ramp does not
+        recompile for every value."""
+        return None if self._full else self._strength_t
+
+    def _sync_buffers(self) -> None:
+        """Write the Python-side settings into the buffers the ops read."""
+        t = self.__dict__.get("_buffers", {}).get("_strength_t")
+        if t is not None and not t.is_meta and hasattr(self, "_strength"):
+            with torch.no_grad():
+                t.fill_(self._strength)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._sync_buffers()  # a move to meta and back (to_empty) loses the values
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or self._strength == 0.0:
+        if not self.enabled or self._off:
             return x
         y = self.quantize(x)
-        if self._strength != 1.0 and not self.mixes_strength:
-            y = x + self._strength * (y - x)
+        if not self._full and not self.mixes_strength:
+            y = x + self._strength_t.to(y.dtype) * (y - x)
         return y
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:

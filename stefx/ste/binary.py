@@ -166,7 +166,7 @@ def _fast_sign(x: torch.Tensor) -> torch.Tensor:
     return _pm1(x)
 
 
-def _binarize_fake(x, scale, estimator, beta, t, k, strategy, axis, mask_out, strength):
+def _binarize_fake(x, scale, estimator, params, strategy, axis, mask_out, strength):
     est = SIGN_ESTIMATORS.get(estimator)
     keep_mask = mask_out and est.indicator and scale == "none" and x.numel() > 0
     mask = torch.empty_like(x, dtype=torch.bool) if keep_mask else x.new_empty(0, dtype=torch.bool)
@@ -174,26 +174,33 @@ def _binarize_fake(x, scale, estimator, beta, t, k, strategy, axis, mask_out, st
 
 
 def _binarize_setup(ctx, inputs, output):
-    x, scale, estimator, beta, t, k, strategy, axis, _mask_out, strength = inputs
+    x, scale, estimator, params, strategy, axis, _mask_out, strength = inputs
     est = SIGN_ESTIMATORS.get(estimator)
-    ctx.consts = (est, {"beta": beta, "t": t, "k": k}, scale, strategy, axis, strength)
+    ctx.consts = (est, scale, strategy, axis)
     mask = output[1]
     if mask.numel():
-        ctx.save_for_backward(mask)
+        saved = mask
     elif scale != "none" or est.derivative is not None:
-        ctx.save_for_backward(x)
+        saved = x
     else:
-        ctx.save_for_backward(None)
+        saved = None
+    needs_params = saved is x and est.derivative is not None  # g'(x) read in backward
+    ctx.save_for_backward(saved, params if needs_params else None, strength)
+
+
+def _estimator_params(params: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"beta": params[0], "t": params[1], "k": params[2]}
 
 
 def _binarize_backward(ctx, grad, _grad_mask):
-    (saved,) = ctx.saved_tensors
-    est, params, scale, strategy, axis, strength = ctx.consts
+    saved, params, strength = ctx.saved_tensors
+    est, scale, strategy, axis = ctx.consts
+    params = _estimator_params(params) if params is not None else {}
     g = ops.scaled(grad, strength)
     if scale == "none":
         if est.derivative is not None:
             g = _times_derivative(g, est, saved, params)
-        return (ops.mix_input_grad(grad, g, strength), *(None,) * 9)
+        return (ops.mix_input_grad(grad, g, strength), *(None,) * 7)
     gran = ops.granularity(strategy, axis, None)
     rows, g_rows = gran.rows(saved), gran.rows(g)
     alpha = _absmean(rows)
@@ -204,7 +211,7 @@ def _binarize_backward(ctx, grad, _grad_mask):
     g_alpha = (_wide(g_rows) * _pm1(rows)).sum(dim=1, keepdim=True) / rows.shape[1]
     gx = gx + (torch.sign(_wide(rows)) * g_alpha).to(gx.dtype)
     gx = gran.unrows(gx, saved.shape)
-    return (ops.mix_input_grad(grad, gx, strength), *(None,) * 9)
+    return (ops.mix_input_grad(grad, gx, strength), *(None,) * 7)
 
 
 def _absmean(rows: torch.Tensor) -> torch.Tensor:
@@ -220,13 +227,11 @@ def binarize(
     x: torch.Tensor,
     scale: str,
     estimator: str,
-    beta: float,
-    t: float,
-    k: float,
+    params: torch.Tensor,
     strategy: str,
     axis: int | None,
     mask_out: bool,
-    strength: float,
+    strength: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """α·sign(x) per scale group (``torch.ops.stefx.binarize``); α = 1 (``scale: none``)
     or mean|x| (``absmean``). Returns ``(y, mask)``: with ``mask_out`` and an indicator
@@ -239,8 +244,11 @@ def binarize(
         y.mul_(_absmean(rows).unsqueeze(1))
     y = ops.mix(rows, y, strength)
     keep_mask = mask_out and est.indicator and scale == "none" and x.numel() > 0
-    params = {"beta": beta, "t": t, "k": k}
-    mask = est.derivative(x, params) if keep_mask else x.new_empty(0, dtype=torch.bool)
+    mask = (
+        est.derivative(x, _estimator_params(params))
+        if keep_mask
+        else x.new_empty(0, dtype=torch.bool)
+    )
     return ops.from_rows(gran, y, x), mask
 
 
@@ -271,7 +279,8 @@ class BinaryQuantizer(Quantizer):
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
-        self._estimator = SIGN_ESTIMATORS.get(self.spec.estimator)
+        # β, t, k as a tensor the op reads: a changing EDE t does not recompile a graph
+        self.register_buffer("_estimator_params", torch.zeros(3), persistent=False)
         self.progress = 0.0
 
     @property
@@ -284,6 +293,14 @@ class BinaryQuantizer(Quantizer):
         if not 0.0 <= float(value) <= 1.0:
             raise RecipeError(f"progress={value!r} is invalid; expected a number in [0, 1]")
         self._progress = float(value)
+        self._sync_buffers()
+
+    def _sync_buffers(self) -> None:
+        super()._sync_buffers()
+        params = self.__dict__.get("_buffers", {}).get("_estimator_params")
+        if params is not None and not params.is_meta and hasattr(self, "_progress"):
+            with torch.no_grad():
+                params.copy_(torch.tensor(list(self.estimator_params().values())))
 
     def sharing_key(self) -> tuple | None:
         return self._stateless_key(tuple(self.estimator_params().values()))
@@ -296,19 +313,16 @@ class BinaryQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        p = self.estimator_params()
         y, _ = binarize(
             x,
             s.scale,
             s.estimator,
-            p["beta"],
-            p["t"],
-            p["k"],
+            self._estimator_params,
             s.strategy,
             s.axis,
             # a weight stays alive anyway: the backward re-reads it instead of a mask
             not isinstance(x, nn.Parameter),
-            self._strength,
+            self.strength_arg(),
         )
         return y
 

@@ -107,23 +107,24 @@ def _dorefa_fake(x, levels, role, strength):
 
 def _dorefa_setup(ctx, inputs, output):
     x, levels, role, strength = inputs
-    ctx.role, ctx.strength = (role if role == "activation" or levels > 1 else "sign"), strength
-    ctx.save_for_backward(output[1] if role == "activation" else x if levels > 1 else None)
+    ctx.role = role if role == "activation" or levels > 1 else "sign"
+    saved = output[1] if role == "activation" else x if levels > 1 else None
+    ctx.save_for_backward(saved, strength)
 
 
 def _dorefa_backward(ctx, grad, _grad_mask):
-    (saved,) = ctx.saved_tensors
-    g = ops.scaled(grad, ctx.strength)
+    saved, strength = ctx.saved_tensors
+    g = ops.scaled(grad, strength)
     if ctx.role == "activation":
         g = ops.apply_mask(g, saved)
     elif ctx.role == "weight" and saved.numel():
         g = _weight_backward(saved, g)
-    return ops.mix_input_grad(grad, g, ctx.strength), None, None, None
+    return ops.mix_input_grad(grad, g, strength), None, None, None
 
 
 @ops.define("dorefa", fake=_dorefa_fake, setup_context=_dorefa_setup, backward=_dorefa_backward)
 def dorefa(
-    x: torch.Tensor, levels: int, role: str, strength: float
+    x: torch.Tensor, levels: int, role: str, strength: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DoReFa-Net's quantizer of a weight or an activation (``torch.ops.stefx.dorefa``):
     returns ``(y, mask)``, the mask 1{0 <= x <= 1} for an activation, else empty."""
@@ -167,4 +168,4 @@ class DoReFaQuantizer(Quantizer):
         return self._stateless_key()
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return dorefa(x, self.levels, self.role, self._strength)[0]
+        return dorefa(x, self.levels, self.role, self.strength_arg())[0]

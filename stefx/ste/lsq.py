@@ -116,13 +116,13 @@ def _lsq_fake(x, scale, offset, qmin, qmax, grad_scale, strategy, axis, group_si
 
 def _lsq_setup(ctx, inputs, output):
     x, scale, offset, qmin, qmax, grad_scale, strategy, axis, group_size, strength = inputs
-    ctx.save_for_backward(x, scale, offset)
-    ctx.consts = (ops.granularity(strategy, axis, group_size), qmin, qmax, grad_scale, strength)
+    ctx.save_for_backward(x, scale, offset, strength)
+    ctx.consts = (ops.granularity(strategy, axis, group_size), qmin, qmax, grad_scale)
 
 
 def _lsq_backward(ctx, grad):
-    x, scale, offset = ctx.saved_tensors
-    gran, qmin, qmax, on, strength = ctx.consts
+    x, scale, offset, strength = ctx.saved_tensors
+    gran, qmin, qmax, on = ctx.consts
     u, _, _ = _codes(x, scale, offset, gran)
     grad_rows = gran.rows(ops.scaled(grad, strength)).float()
     inside = (u > qmin) & (u < qmax)
@@ -151,7 +151,7 @@ def learned_step(
     strategy: str,
     axis: int | None,
     group_size: int | None,
-    strength: float,
+    strength: Tensor | None,
 ) -> Tensor:
     """v̂ = round(clamp((v - β)/s, qmin, qmax))·s + β with LSQ(+) gradients for v, s, β
     (``torch.ops.stefx.lsq``); ``grad_scale``: scale the step gradients by LSQ's g."""
@@ -255,7 +255,7 @@ class _LearnedStepQuantizer(Quantizer):
             s.strategy,
             s.axis,
             s.group_size,
-            self._strength,
+            self.strength_arg(),
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

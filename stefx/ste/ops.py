@@ -20,9 +20,10 @@ Why custom ops rather than plain autograd functions:
   slower than three vectorised passes on small rows), and nothing saved that the
   backward can do without.
 
-Strength λ: every op computes ``y = x + λ·(q(x) - x)`` itself, so a ramped quantizer is
-still one node; its backward is ``(1 - λ)·g + λ·(dq/dx)ᵀg``, and ``λ·(dq/dθ)ᵀg`` for
-learned parameters θ.
+Strength λ: every op takes ``strength``, None for λ = 1 or a 0-dim tensor, and computes
+``y = x + λ·(q(x) - x)`` itself, so a ramped quantizer is still one node; its backward is
+``(1 - λ)·g + λ·(dq/dx)ᵀg``, and ``λ·(dq/dθ)ᵀg`` for learned parameters θ. A tensor, not
+a float, so that ``torch.compile`` does not recompile for every λ of a ramp.
 """
 
 from __future__ import annotations
@@ -94,23 +95,23 @@ def granularity(strategy: str, axis: int | None, group_size: int | None) -> Gran
     return Granularity(strategy, axis, group_size)
 
 
-def mix(x: Tensor, q: Tensor, strength: float) -> Tensor:
+def mix(x: Tensor, q: Tensor, strength: Tensor | None) -> Tensor:
     """``x + λ·(q - x)`` written into ``q`` (a fresh buffer the op owns); ``q`` if λ = 1."""
-    if strength != 1.0:
-        q.sub_(x).mul_(strength).add_(x)
+    if strength is not None:
+        q.sub_(x).mul_(strength.to(q.dtype)).add_(x)
     return q
 
 
-def scaled(grad: Tensor, strength: float) -> Tensor:
+def scaled(grad: Tensor, strength: Tensor | None) -> Tensor:
     """λ·g: the upstream gradient the quantizer ``q`` itself receives."""
-    return grad if strength == 1.0 else grad * strength
+    return grad if strength is None else grad * strength.to(grad.dtype)
 
 
-def mix_input_grad(grad: Tensor, grad_q: Tensor | None, strength: float) -> Tensor | None:
+def mix_input_grad(grad: Tensor, grad_q: Tensor | None, strength: Tensor | None) -> Tensor | None:
     """dL/dx of ``x + λ·(q - x)``: ``grad_q`` = (dq/dx)ᵀ(λ·g) plus the (1 - λ)·g path."""
-    if grad_q is None or strength == 1.0:
+    if grad_q is None or strength is None:
         return grad_q
-    return grad_q + grad * (1.0 - strength)
+    return grad_q + grad * (1.0 - strength.to(grad.dtype))
 
 
 def fake_rows_output(x: Tensor) -> Tensor:

@@ -59,26 +59,27 @@ def _pact_fake(x, alpha, levels, strength):
 
 def _pact_setup(ctx, inputs, output):
     x, alpha, _levels, strength = inputs
-    ctx.save_for_backward(x, alpha)
-    ctx.strength = strength
+    ctx.save_for_backward(x, alpha, strength)
 
 
 def _pact_backward(ctx, grad):
-    x, alpha = ctx.saved_tensors
-    g = ops.scaled(grad, ctx.strength).float()
+    x, alpha, strength = ctx.saved_tensors
+    g = ops.scaled(grad, strength).float()
     a = alpha.float().clamp_min(_EPS)
     xf = x.float()
     gx = ga = None
     if ctx.needs_input_grad[0]:
         gx = (g * ((xf >= 0) & (xf < a))).to(x.dtype)
-        gx = ops.mix_input_grad(grad, gx, ctx.strength)
+        gx = ops.mix_input_grad(grad, gx, strength)
     if ctx.needs_input_grad[1]:
         ga = (g * (xf >= a)).sum().reshape(alpha.shape).to(alpha.dtype)
     return gx, ga, None, None
 
 
 @ops.define("pact", fake=_pact_fake, setup_context=_pact_setup, backward=_pact_backward)
-def pact(x: torch.Tensor, alpha: torch.Tensor, levels: int, strength: float) -> torch.Tensor:
+def pact(
+    x: torch.Tensor, alpha: torch.Tensor, levels: int, strength: torch.Tensor | None
+) -> torch.Tensor:
     """y_q = round(clamp(x, 0, α)/Δ)·Δ, Δ = α/(2^k - 1) (``torch.ops.stefx.pact``);
     gradients 1{0 <= x < α} to x and 1{x >= α} to α."""
     a = alpha.float().clamp_min(_EPS)
@@ -118,4 +119,4 @@ class PACTQuantizer(Quantizer):
         alpha = self.alpha
         if x.is_meta and not alpha.is_meta:  # shape-only pass: a stand-in without values
             alpha = torch.empty((), device="meta")
-        return pact(x, alpha, self.levels, self._strength)
+        return pact(x, alpha, self.levels, self.strength_arg())

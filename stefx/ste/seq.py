@@ -114,13 +114,13 @@ def _seq_fake(x, alpha, n_levels, shift, code_bound, eps, strategy, axis, streng
 
 def _seq_setup(ctx, inputs, output):
     x, alpha, n_levels, shift, code_bound, eps, strategy, axis, strength = inputs
-    ctx.save_for_backward(x, alpha)
-    ctx.consts = (SeqGrid(n_levels, shift, code_bound), eps, strategy, axis, strength)
+    ctx.save_for_backward(x, alpha, strength)
+    ctx.consts = (SeqGrid(n_levels, shift, code_bound), eps, strategy, axis)
 
 
 def _seq_backward(ctx, grad):
-    x, alpha = ctx.saved_tensors
-    grid, eps, strategy, axis, strength = ctx.consts
+    x, alpha, strength = ctx.saved_tensors
+    grid, eps, strategy, axis = ctx.consts
     gran = ops.granularity(strategy, axis, None)
     rows, g_rows = gran.rows(x), gran.rows(ops.scaled(grad, strength))
     u = wide(rows) / _step(alpha, eps)
@@ -148,7 +148,7 @@ def stretched_elastic(
     eps: float,
     strategy: str,
     axis: int | None,
-    strength: float,
+    strength: torch.Tensor | None,
 ) -> torch.Tensor:
     """ParetoQ's SEQ of ``x`` per scale group with learned ``alpha`` (G,) on the grid
     (n_levels, shift, code_bound) (``torch.ops.stefx.seq``); the math is in the module
@@ -178,7 +178,7 @@ def seq_forward(q: Quantizer, x: torch.Tensor, grid: SeqGrid) -> torch.Tensor:
             f"{groups} scale groups; one quantizer serves one weight shape"
         )
     s = q.spec
-    return stretched_elastic(x, q.alpha, *grid, q.eps, s.strategy, s.axis, q._strength)
+    return stretched_elastic(x, q.alpha, *grid, q.eps, s.strategy, s.axis, q.strength_arg())
 
 
 def check_eps(options, where: str) -> None:

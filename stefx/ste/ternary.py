@@ -121,7 +121,12 @@ def _ternarize_backward(ctx, grad):
     backward=_ternarize_backward,
 )
 def ternarize(
-    x: torch.Tensor, method: str, eps: float, strategy: str, axis: int | None, strength: float
+    x: torch.Tensor,
+    method: str,
+    eps: float,
+    strategy: str,
+    axis: int | None,
+    strength: torch.Tensor | None,
 ) -> torch.Tensor:
     """Ternary weights by ``method`` ``absmean`` or ``twn`` per scale group, with the
     identity STE (``torch.ops.stefx.ternarize``); nothing is saved for the backward."""
@@ -167,7 +172,7 @@ class TernaryQuantizer(Quantizer):
         if self.spec.scale == "seq":
             return seq_forward(self, x, TERNARY_GRID)
         s = self.spec
-        return ternarize(x, s.scale, self.eps, s.strategy, s.axis, self._strength)
+        return ternarize(x, s.scale, self.eps, s.strategy, s.axis, self.strength_arg())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.spec.scale == "seq":

@@ -90,19 +90,18 @@ def _fake(x, scale, zero_point, num_bits, symmetric, strategy, axis, group_size,
 
 
 def _setup(ctx, inputs, output):
-    ctx.strength = inputs[-1]
     ctx.granularity = ops.granularity(*inputs[5:8])
     mask = output[1]
-    ctx.save_for_backward(mask if mask.numel() else None)
+    ctx.save_for_backward(mask if mask.numel() else None, inputs[-1])
 
 
 def _backward(ctx, grad, _grad_mask):
-    (mask,) = ctx.saved_tensors
-    g = ops.scaled(grad, ctx.strength)
+    mask, strength = ctx.saved_tensors
+    g = ops.scaled(grad, strength)
     if mask is not None:
         gran = ctx.granularity
         g = gran.unrows(ops.apply_mask(gran.rows(g), mask), grad.shape)
-    return (ops.mix_input_grad(grad, g, ctx.strength), *(None,) * 9)
+    return (ops.mix_input_grad(grad, g, strength), *(None,) * 9)
 
 
 @ops.define("fake_quant", fake=_fake, setup_context=_setup, backward=_backward)
@@ -116,7 +115,7 @@ def fake_quant(
     axis: int | None,
     group_size: int | None,
     clip: bool,
-    strength: float,
+    strength: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Uniform affine fake quantization; returns ``(y, mask)``, the mask empty when the
     backward needs none. ``scale`` / ``zero_point`` None: absmax or min/max per group."""
@@ -204,7 +203,7 @@ class UniformQuantizer(Quantizer):
             s.axis,
             s.group_size,
             s.estimator == "clipped",
-            self._strength,
+            self.strength_arg(),
         )
         return y
 
