@@ -209,20 +209,28 @@ class _LastInput(threading.local):
 _last = _LastInput()
 
 
+def _forget(ref: weakref.ref) -> None:
+    """The shared input died: drop the quantized tensor kept for it."""
+    slot = _last.slot
+    if slot is not None and slot[0] is ref:
+        _last.slot = None
+
+
 def shared(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
     """``q(x)``, reusing the result of the previous call when it quantized this same
-    tensor (same object, unchanged) with an identical stateless quantizer."""
+    tensor (same object, unchanged) with an identical stateless quantizer. The result is
+    kept only while ``x`` itself is alive."""
     key = None if _compiling() else q.sharing_key()
     if key is None:
         return q(x)
     key = (key, torch.is_grad_enabled())
     slot = _last.slot
     if slot is not None and slot[0]() is x and slot[1] == x._version and slot[2] == key:
-        y = slot[3]()
-        if y is not None and y._version == slot[4]:
+        y = slot[3]
+        if y._version == slot[4]:
             return y
     y = q(x)
-    _last.slot = (weakref.ref(x), x._version, key, weakref.ref(y), y._version)
+    _last.slot = (weakref.ref(x, _forget), x._version, key, y, y._version)
     return y
 
 

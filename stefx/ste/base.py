@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from stefx.errors import RecipeError
+from stefx.errors import RecipeError, StefxError
 from stefx.ste.granularity import Granularity
 from stefx.ste.spec import QuantSpec
 
@@ -157,6 +157,18 @@ class Quantizer(nn.Module):
 
     def init_from(self, x: torch.Tensor) -> None:
         """Initialise learned state (scales, offsets) from a sample tensor. Default: none."""
+
+    def lazy_init(self, x: torch.Tensor) -> None:
+        """:meth:`init_from` on the first tensor a forward brings (an activation's first
+        batch). Not inside ``torch.compile``: run one eager forward first."""
+        if torch.compiler.is_compiling():
+            raise StefxError(
+                f"{type(self).__name__}: its learned state is initialised from the first "
+                "tensor it sees, which cannot happen inside torch.compile; run one eager "
+                "forward (one batch) before compiling, or call init_from(sample) yourself"
+            )
+        with torch._C.DisableTorchFunction():  # not part of any module's counted calls
+            self.init_from(x)
 
     def _shape_empty_parameter(self, name: str, state_dict: dict, prefix: str) -> None:
         """A lazily initialised parameter still empty when a checkpoint loads: give it the

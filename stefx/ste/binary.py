@@ -120,7 +120,12 @@ def _ede(x: torch.Tensor, p: Mapping[str, float]) -> torch.Tensor:
     return p["k"] * p["t"] * (1.0 - torch.tanh(p["t"] * x) ** 2)
 
 
-SIGN_ESTIMATORS.add("clipped", SignEstimator(lambda x, p: x.abs() <= 1.0, indicator=True))
+def _clipped(x: torch.Tensor, p: Mapping[str, float]) -> torch.Tensor:
+    # two one-byte masks, not a float |x|: fewer fresh full-size buffers
+    return (x >= -1.0).logical_and_(x <= 1.0)
+
+
+SIGN_ESTIMATORS.add("clipped", SignEstimator(_clipped, indicator=True))
 SIGN_ESTIMATORS.add("identity", SignEstimator(None))
 SIGN_ESTIMATORS.add("approx_sign", SignEstimator(lambda x, p: (2.0 - 2.0 * x.abs()).clamp(min=0.0)))
 SIGN_ESTIMATORS.add("swish_sign", SignEstimator(_swish_sign))

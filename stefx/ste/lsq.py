@@ -123,20 +123,27 @@ def _lsq_setup(ctx, inputs, output):
 def _lsq_backward(ctx, grad):
     x, scale, offset, strength = ctx.saved_tensors
     gran, qmin, qmax, on = ctx.consts
+    # Two full-size buffers (u, and dL/dx) and a bool mask; everything else in place,
+    # because on CPU every fresh large allocation costs page faults.
     u, _, _ = _codes(x, scale, offset, gran)
-    grad_rows = gran.rows(ops.scaled(grad, strength)).float()
-    inside = (u > qmin) & (u < qmax)
-    below, above = u <= qmin, u >= qmax
+    g_rows = gran.rows(ops.scaled(grad, strength)).float()
+    inside = (u > qmin).logical_and_(u < qmax)  # strictly inside: a code on a bound is clipped
     g = _lsq_grad_scale(x, u.shape[0], qmax, on)
-    gx = gs = gb = None
-    if ctx.needs_input_grad[0]:
-        gx = gran.unrows(ops.apply_mask(grad_rows, inside), x.shape).to(x.dtype)
-        gx = ops.mix_input_grad(grad, gx, strength)
+    gs = gb = None
+    buf = inside.view(torch.uint8).to(u.dtype)  # 1{inside}, as float
     if ctx.needs_input_grad[1]:
-        dv_ds = torch.where(inside, u.round() - u, 0.0) + qmin * below + qmax * above
-        gs = ((grad_rows * dv_ds).sum(1) * g).to(scale.dtype)
+        # dv̂/ds = round(u) - u inside, the bound outside: c - 1{inside}·u with c the code
+        buf.mul_(u)
+        dv_ds = u.clamp_(qmin, qmax).round_().sub_(buf)
+        gs = (dv_ds.mul_(g_rows).sum(1) * g).to(scale.dtype)
+        buf.copy_(inside.view(torch.uint8))
+    gx_rows = buf.mul_(g_rows)
     if offset is not None and ctx.needs_input_grad[2]:
-        gb = ((grad_rows * (below | above)).sum(1) * g).to(offset.dtype)
+        gb = ((g_rows.sum(1) - gx_rows.sum(1)) * g).to(offset.dtype)  # Σ g·1{clipped}
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = ops.from_rows(gran, gx_rows, x).to(x.dtype)
+        gx = ops.mix_input_grad(grad, gx, strength)
     return gx, gs, gb, None, None, None, None, None, None, None
 
 
@@ -229,7 +236,7 @@ class _LearnedStepQuantizer(Quantizer):
         if x.numel() == 0:
             return x
         if not self._initialized:
-            self.init_from(x)
+            self.lazy_init(x)
         groups = self.granularity.num_groups(x.shape)
         params = [getattr(self, name) for name in self._learned()]
         if x.is_meta:  # shape-only pass: stand-ins unless the parameters live on meta too

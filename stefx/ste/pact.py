@@ -69,10 +69,10 @@ def _pact_backward(ctx, grad):
     xf = x.float()
     gx = ga = None
     if ctx.needs_input_grad[0]:
-        gx = (g * ((xf >= 0) & (xf < a))).to(x.dtype)
+        gx = ops.apply_mask(g, (xf >= 0).logical_and_(xf < a)).to(x.dtype)
         gx = ops.mix_input_grad(grad, gx, strength)
     if ctx.needs_input_grad[1]:
-        ga = (g * (xf >= a)).sum().reshape(alpha.shape).to(alpha.dtype)
+        ga = ops.apply_mask(g, xf >= a).sum().reshape(alpha.shape).to(alpha.dtype)
     return gx, ga, None, None
 
 
@@ -84,7 +84,7 @@ def pact(
     gradients 1{0 <= x < α} to x and 1{x >= α} to α."""
     a = alpha.float().clamp_min(_EPS)
     step = a / levels
-    y = torch.minimum(x.float().clamp_min(0.0), a)
+    y = x.float().clamp_min(0.0).clamp_(max=a)  # min(max(x, 0), α), in one buffer
     y = y.div_(step).round_().mul_(step).to(x.dtype)
     return ops.mix(x, y, strength)
 

@@ -103,9 +103,14 @@ def _step(alpha: torch.Tensor, eps: float) -> torch.Tensor:
 
 def seq_levels(u: torch.Tensor, grid: SeqGrid) -> torch.Tensor:
     """q(u): the SEQ level of u = W/α, in units of α (ParetoQ's forward, without α)."""
+    return _levels_(u.clone(), grid)
+
+
+def _levels_(u: torch.Tensor, grid: SeqGrid) -> torch.Tensor:
+    """:func:`seq_levels` computed in place in ``u``."""
     n, shift = grid.n_levels, grid.shift
-    codes = torch.round(u.clamp(-SEQ_CLIP, SEQ_CLIP) * n - shift) + shift + 0.0  # -0 -> +0
-    return codes / n
+    u.clamp_(-SEQ_CLIP, SEQ_CLIP).mul_(n).sub_(shift).round_().add_(shift).add_(0.0)  # -0 -> +0
+    return u.div_(n)
 
 
 def _seq_fake(x, alpha, n_levels, shift, code_bound, eps, strategy, axis, strength):
@@ -156,7 +161,7 @@ def stretched_elastic(
     gran = ops.granularity(strategy, axis, None)
     rows = gran.rows(x)
     a = _step(alpha, eps)
-    y = (seq_levels(wide(rows) / a, SeqGrid(n_levels, shift, code_bound)) * a).to(x.dtype)
+    y = _levels_(wide(rows) / a, SeqGrid(n_levels, shift, code_bound)).mul_(a).to(x.dtype)
     return ops.from_rows(gran, ops.mix(rows, y, strength), x)
 
 
@@ -170,7 +175,7 @@ def init_alpha(q: Quantizer, x: torch.Tensor) -> None:
 def seq_forward(q: Quantizer, x: torch.Tensor, grid: SeqGrid) -> torch.Tensor:
     """SEQ of ``x`` with ``q``'s learned per-group ``alpha``, initialised on first use."""
     if q.alpha.numel() == 0:
-        init_alpha(q, x)
+        q.lazy_init(x)
     groups = q.granularity.num_groups(x.shape)
     if q.alpha.shape != (groups,):
         raise ValueError(
