@@ -62,6 +62,7 @@ def quantize(
     report: bool = True,
     *,
     method: str = "auto",
+    as_graph: bool = False,
 ) -> nn.Module:
     """Insert STE quantizers into ``model`` as ``recipe`` says; return the same model.
 
@@ -69,6 +70,11 @@ def quantize(
     or a :class:`~stefx.Recipe`. ``example_inputs``: a tuple of positional arguments or a
     dict of keyword arguments (e.g. ``{"input_ids": ids}``); built from the config for
     Hugging Face models when omitted. On any error the model is left exactly as it was.
+
+    ``as_graph=True`` (models ``torch.fx.symbolic_trace`` can trace) returns instead a new
+    ``torch.fx.GraphModule`` with the quantizers as nodes before the ops they guard,
+    sharing ``model``'s parameters and leaving ``model`` itself unchanged (see
+    :mod:`stefx.surgery`).
     """
     from stefx.rewrite import apply_plan, quantized_modules
 
@@ -89,8 +95,14 @@ def quantize(
             raise NoMatchError(_no_match_message(rule, plan))
         if plan.recipe.on_no_match == "warn":
             warnings.warn(_no_match_message(rule, plan), stacklevel=2)
-    apply_plan(model, plan)
-    object.__setattr__(model, PLAN_ATTR, plan.slim())  # recipe and sites, not the graph
+    if as_graph:
+        from stefx.surgery import to_graph_module
+
+        result = to_graph_module(model, plan)
+    else:
+        apply_plan(model, plan)
+        result = model
+    object.__setattr__(result, PLAN_ATTR, plan.slim())  # recipe and sites, not the graph
     if report:
         from stefx.profile import profile  # lazy: report=False never pays for it
 
@@ -99,7 +111,7 @@ def quantize(
             print(profile(model, example_inputs, plan=plan, capture=plan.capture))
         except CaptureError as e:  # e.g. a plain model traced without example inputs
             print(f"no efficiency report: {e}")
-    return model
+    return result
 
 
 def dequantize(model: nn.Module) -> nn.Module:

@@ -52,7 +52,7 @@ from stefx.sites import Site, operand_slots
 from stefx.ste.base import Quantizer
 from stefx.ste.spec import make_quantizer
 
-__all__ = ["STATE_ATTR", "apply_plan", "dequantize", "quantized_modules"]
+__all__ = ["STATE_ATTR", "apply_plan", "dequantize", "quantized_modules", "weight_quantizer"]
 
 Built = dict[str, nn.Module]
 
@@ -61,7 +61,7 @@ def _where(site: Site) -> str:
     return f"site {site.name!r} (rule {','.join(map(str, site.rules))})"
 
 
-def _weight_quantizer(site: Site, module: nn.Module, p: str, fold) -> Quantizer:
+def weight_quantizer(site: Site, module: nn.Module, p: str, fold=None) -> Quantizer:
     """A weight's quantizer on its resolved spec, initialised from the weight."""
     param = module.get_parameter(p)
     q = make_quantizer(site.weight_specs[p], f"{_where(site)} weights")
@@ -91,7 +91,7 @@ def _build(module: nn.Module, sites: list[Site], modules: dict) -> tuple[ModuleS
             fold = (modules[site.fold_bn], site.fold_axis)
             state.fold["weight"] = fold
         for p in site.params:
-            q = _weight_quantizer(site, module, p, fold if p == "weight" else None)
+            q = weight_quantizer(site, module, p, fold if p == "weight" else None)
             if len(readers[p]) == 1:
                 state.swaps[p] = name = quantizer_name(p)
             else:  # several ops read it with their own specs: quantize at each call
@@ -133,7 +133,7 @@ def _build_op_site(site: Site, state: ModuleState, built: Built) -> None:
     state.op_table[(site.counter, site.ordinal)] = OpEntry(tuple(inputs), output, site.name)
 
 
-def _device_of(module: nn.Module) -> torch.device | None:
+def device_of(module: nn.Module) -> torch.device | None:
     """Where the module computes: its first parameter or buffer, own or a child's."""
     for t in (*module.parameters(), *module.buffers()):
         return t.device
@@ -154,7 +154,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[str]:
                 f"module {fqn!r} is already quantized; call stefx.dequantize(model) first"
             )
         state, built = _build(module, sites, modules)
-        device = _device_of(module)
+        device = device_of(module)
         if device is not None:  # activation quantizers hold state too (LSQ step, PACT α)
             built = {name: q.to(device) for name, q in built.items()}
         staged.append((module, state, built))
