@@ -78,3 +78,21 @@ def test_a_strength_ramp_does_not_recompile():
         q.strength = 1.0
     torch.testing.assert_close(outs[-1], model(*example))
     torch._dynamo.reset()
+
+
+def test_learned_activation_state_must_be_initialised_before_compiling():
+    torch._dynamo.reset()
+    model, example = build("mlp")
+    recipe = {
+        "name": "lsq-act",
+        "rules": [{"targets": ["linear"], "input_activations": {"type": "lsq", "num_bits": 4}}],
+    }
+    stefx.quantize(model, recipe, example, report=False)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="run one eager forward"):
+        compiled(*example)
+    torch._dynamo.reset()
+    model(*example)  # one eager batch initialises the steps
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*example), model(*example))
+    torch._dynamo.reset()

@@ -122,7 +122,7 @@ def _ede(x: torch.Tensor, p: Mapping[str, float]) -> torch.Tensor:
 
 def _clipped(x: torch.Tensor, p: Mapping[str, float]) -> torch.Tensor:
     # two one-byte masks, not a float |x|: fewer fresh full-size buffers
-    return (x >= -1.0).logical_and_(x <= 1.0)
+    return ops.Scratch(x >= -1.0).logical_and(x <= 1.0).t
 
 
 SIGN_ESTIMATORS.add("clipped", SignEstimator(_clipped, indicator=True))
@@ -160,13 +160,13 @@ def _times_derivative(grad, est, saved, params):
 def _pm1(x: torch.Tensor) -> torch.Tensor:
     """±1 with sign(±0) = +1 in vectorised passes: sign(x) + 1/2 is never 0. NaN gives +1
     (torch.sign(NaN) is 0): used where a NaN reaches the result through α anyway."""
-    return torch.sign(x).add_(0.5).sign_()
+    return ops.Scratch(torch.sign(x)).add(0.5).sign().t
 
 
 def _fast_sign(x: torch.Tensor) -> torch.Tensor:
     """``sign_pm1``: :func:`_pm1`, or the exact NaN-keeping path for a tensor whose sum
     is not finite (a NaN, or an inf). Forward kernels only (it reads a value)."""
-    if x.numel() and not torch.isfinite(x.sum()):
+    if ops.functional() or (x.numel() and not torch.isfinite(x.sum())):
         return sign_pm1(x)
     return _pm1(x)
 
@@ -246,7 +246,7 @@ def binarize(
     rows = gran.rows(x)
     y = _fast_sign(rows)
     if scale != "none" and x.numel():
-        y.mul_(_absmean(rows).unsqueeze(1))
+        y = ops.Scratch(y).mul(_absmean(rows).unsqueeze(1)).t
     y = ops.mix(rows, y, strength)
     keep_mask = mask_out and est.indicator and scale == "none" and x.numel() > 0
     mask = (

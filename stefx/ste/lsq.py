@@ -164,9 +164,8 @@ def learned_step(
     (``torch.ops.stefx.lsq``); ``grad_scale``: scale the step gradients by LSQ's g."""
     gran = ops.granularity(strategy, axis, group_size)
     u, s, b = _codes(x, scale, offset, gran)
-    y = u.clamp_(qmin, qmax).round_().mul_(s)
-    if b is not None:
-        y.add_(b)
+    y = ops.Scratch(u).clamp(qmin, qmax).round().mul(s)
+    y = (y.add(b) if b is not None else y).t
     # u is a fresh buffer (the division), so y never aliases x
     return ops.mix(x, ops.from_rows(gran, y, x).to(x.dtype), strength)
 

@@ -29,6 +29,7 @@ a float, so that ``torch.compile`` does not recompile for every λ of a ramp.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -81,8 +82,12 @@ def define(
         eager = _eager_function(name, fn, setup_context, backward)
         overload = getattr(torch.ops, NAMESPACE).__getattr__(name).default
 
+        _KERNELS.append((overload, fn))
+
         def call(*args):
             x = args[0]
+            if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+                _inductor_decompositions()
             if (
                 eager is None
                 or type(x) not in _PLAIN
@@ -104,6 +109,33 @@ def define(
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # tensor subclasses take the op path
+_KERNELS: list[tuple[torch._ops.OpOverload, Callable]] = []
+
+
+def _traced_as_functional(fn: Callable) -> Callable:
+    def decomposition(*args):
+        before, _functional.on = _functional.on, True
+        try:
+            return fn(*args)
+        finally:
+            _functional.on = before
+
+    return decomposition
+
+
+@torch.compiler.assume_constant_result
+def _inductor_decompositions() -> bool:
+    """Give inductor each op's kernel as its decomposition, so a compiled graph fuses the
+    quantizer's arithmetic with its neighbours instead of calling it as an opaque kernel
+    (dynamo's graph still shows the stefx op). Runs while dynamo traces, before inductor
+    lowers; a torch without this table keeps the ops opaque (slower, still correct)."""
+    try:
+        from torch._inductor.decomposition import decompositions
+    except Exception:  # pragma: no cover - a torch without inductor
+        return False
+    for overload, fn in _KERNELS:
+        decompositions.setdefault(overload, _traced_as_functional(fn))
+    return True
 
 
 def _eager_function(name, fn, setup_context, backward):
@@ -149,10 +181,69 @@ def granularity(strategy: str, axis: int | None, group_size: int | None) -> Gran
     return Granularity(strategy, axis, group_size)
 
 
+class _Functional(threading.local):
+    on = False
+
+
+_functional = _Functional()
+
+
+class Scratch:
+    """A buffer a kernel owns and rewrites. Its arithmetic runs in place in eager mode (no
+    fresh allocation) and out of place while inductor traces the kernel as a
+    decomposition, which must be functional. ``.t`` is the tensor.
+
+    >>> Scratch(torch.tensor([1.25, -0.5])).mul(2.0).round().t
+    tensor([ 2., -1.])
+    """
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: Tensor) -> None:
+        self.t = t
+
+    def _apply(self, name: str, *args, **kwargs) -> Scratch:
+        if _functional.on:
+            self.t = getattr(self.t, name)(*args, **kwargs)
+        else:
+            self.t = getattr(self.t, name + "_")(*args, **kwargs)
+        return self
+
+    def add(self, *a, **k):
+        return self._apply("add", *a, **k)
+
+    def sub(self, *a, **k):
+        return self._apply("sub", *a, **k)
+
+    def mul(self, *a, **k):
+        return self._apply("mul", *a, **k)
+
+    def div(self, *a, **k):
+        return self._apply("div", *a, **k)
+
+    def clamp(self, *a, **k):
+        return self._apply("clamp", *a, **k)
+
+    def round(self):
+        return self._apply("round")
+
+    def sign(self):
+        return self._apply("sign")
+
+    def logical_and(self, other):
+        return self._apply("logical_and", other)
+
+
+def functional() -> bool:
+    """Whether a kernel is being traced as an inductor decomposition (no in-place ops,
+    no reading values)."""
+    return _functional.on
+
+
 def mix(x: Tensor, q: Tensor, strength: Tensor | None) -> Tensor:
     """``x + λ·(q - x)`` written into ``q`` (a fresh buffer the op owns); ``q`` if λ = 1."""
     if strength is not None:
-        q.sub_(x).mul_(strength.to(q.dtype)).add_(x)
+        q = Scratch(q).sub(x).mul(strength.to(q.dtype)).add(x).t
     return q
 
 
@@ -179,8 +270,8 @@ def from_rows(gran: Granularity, y: Tensor, like: Tensor) -> Tensor:
     """The row-view result ``y`` back in the shape and layout of ``like`` (the op's
     input): free when both are contiguous, one copy otherwise."""
     out = gran.unrows(y, like.shape)
-    if out.stride() == like.stride() or like.numel() <= 1:
-        return out
+    if out.stride() == like.stride() or like.numel() <= 1 or _functional.on:
+        return out  # (inside a compiled graph inductor picks the layouts itself)
     return torch.empty_like(like).copy_(out)
 
 

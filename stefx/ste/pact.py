@@ -84,8 +84,8 @@ def pact(
     gradients 1{0 <= x < α} to x and 1{x >= α} to α."""
     a = alpha.float().clamp_min(_EPS)
     step = a / levels
-    y = x.float().clamp_min(0.0).clamp_(max=a)  # min(max(x, 0), α), in one buffer
-    y = y.div_(step).round_().mul_(step).to(x.dtype)
+    y = ops.Scratch(x.float().clamp_min(0.0)).clamp(max=a)  # min(max(x, 0), α), one buffer
+    y = y.div(step).round().mul(step).t.to(x.dtype)
     return ops.mix(x, y, strength)
 
 

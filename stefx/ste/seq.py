@@ -109,8 +109,8 @@ def seq_levels(u: torch.Tensor, grid: SeqGrid) -> torch.Tensor:
 def _levels_(u: torch.Tensor, grid: SeqGrid) -> torch.Tensor:
     """:func:`seq_levels` computed in place in ``u``."""
     n, shift = grid.n_levels, grid.shift
-    u.clamp_(-SEQ_CLIP, SEQ_CLIP).mul_(n).sub_(shift).round_().add_(shift).add_(0.0)  # -0 -> +0
-    return u.div_(n)
+    u = ops.Scratch(u).clamp(-SEQ_CLIP, SEQ_CLIP).mul(n).sub(shift).round()
+    return u.add(shift).add(0.0).div(n).t  # + 0.0: -0 -> +0
 
 
 def _seq_fake(x, alpha, n_levels, shift, code_bound, eps, strategy, axis, strength):
@@ -161,7 +161,8 @@ def stretched_elastic(
     gran = ops.granularity(strategy, axis, None)
     rows = gran.rows(x)
     a = _step(alpha, eps)
-    y = _levels_(wide(rows) / a, SeqGrid(n_levels, shift, code_bound)).mul_(a).to(x.dtype)
+    y = _levels_(wide(rows) / a, SeqGrid(n_levels, shift, code_bound))
+    y = ops.Scratch(y).mul(a).t.to(x.dtype)
     return ops.from_rows(gran, ops.mix(rows, y, strength), x)
 
 

@@ -84,11 +84,9 @@ TWN_DELTA_FACTOR = 0.7
 def absmean_ternary(rows: torch.Tensor, eps: float) -> torch.Tensor:
     """BitNet b1.58 forward on rows (G, N): RoundClip(W/(γ+ε), -1, 1)·γ, γ = mean|W|."""
     w = wide(rows)
-    codes = torch.abs(w)  # one buffer for |W|, then the codes, then the result
-    gamma = codes.mean(dim=1, keepdim=True)
-    torch.div(w, gamma + eps, out=codes)
-    codes.round_().clamp_(-1.0, 1.0).add_(0.0)  # + 0.0: -0 -> +0
-    return codes.mul_(gamma).to(rows.dtype)
+    gamma = w.abs().mean(dim=1, keepdim=True)
+    codes = ops.Scratch(w / (gamma + eps)).round().clamp(-1.0, 1.0).add(0.0)  # -0 -> +0
+    return codes.mul(gamma).t.to(rows.dtype)
 
 
 def twn_ternary(rows: torch.Tensor) -> torch.Tensor:
@@ -135,8 +133,6 @@ def ternarize(
     gran = ops.granularity(strategy, axis, None)
     rows = gran.rows(x)
     y = absmean_ternary(rows, eps) if method == "absmean" else twn_ternary(rows)
-    if y.data_ptr() == rows.data_ptr():
-        y = y.clone()
     return ops.from_rows(gran, ops.mix(rows, y, strength), x)
 
 

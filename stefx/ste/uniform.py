@@ -129,21 +129,19 @@ def fake_quant(
         scale, zero_point = _row_qparams(rows, num_bits, symmetric)
     s = scale.unsqueeze(1)
     # (clamp(round(x · (1/s)) + z, qmin, qmax) - z) · s, as torch.fake_quantize_* computes it
-    codes = wide(rows) * s.reciprocal()
-    codes.round_()
+    codes = ops.Scratch(wide(rows) * s.reciprocal()).round()
     z = None
     if not symmetric:  # symmetric codes have z = 0
-        z = zero_point.unsqueeze(1).to(codes.dtype)
-        codes.add_(z)
+        z = zero_point.unsqueeze(1).to(codes.t.dtype)
+        codes.add(z)
     if _needs_mask(frozen, symmetric, clip):
-        mask = (codes >= qmin).logical_and_(codes <= qmax)
+        mask = ops.Scratch(codes.t >= qmin).logical_and(codes.t <= qmax).t
     else:
         mask = x.new_empty(0, dtype=torch.bool)
-    codes.clamp_(qmin, qmax)
+    codes.clamp(qmin, qmax)
     if z is not None:
-        codes.sub_(z)
-    codes.mul_(s)
-    y = codes.to(x.dtype) if codes.dtype != x.dtype else codes
+        codes.sub(z)
+    y = codes.mul(s).t.to(x.dtype)
     y = ops.mix(rows, y, strength)
     return ops.from_rows(gran, y, x), mask
 
