@@ -505,16 +505,27 @@ def _configure_dynamo() -> None:
 
     stefx applies its quantizers in forward hooks, and dynamo does not guard on hooks by
     default (``skip_nnmodule_hook_guards``): a stefx model would then silently run the float
-    model's compiled graph. The loss check in ``run_size`` catches any other such mix-up.
+    model's compiled graph. Turning those guards on costs every hooked model tens of ms a
+    step in guard checks, which no user compiling one model pays; instead ``own_class`` gives
+    each variant its own subclass, which the type guard on ``self`` tells apart. The loss
+    check in ``run_size`` catches any other mix-up.
     """
     cfg = torch._dynamo.config
-    cfg.skip_nnmodule_hook_guards = False
     key = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, key, 512)
     if hasattr(cfg, "accumulated_recompile_limit"):
         cfg.accumulated_recompile_limit = 4096
     if hasattr(cfg, "fail_on_recompile_limit_hit"):
         cfg.fail_on_recompile_limit_hit = True  # an error, never a silent fall back to eager
+
+
+def own_class(model: torch.nn.Module, variant: str) -> torch.nn.Module:
+    """``model`` as an instance of a subclass of its class named after ``variant``."""
+    cls = type(model)
+    model.__class__ = type(
+        f"{cls.__name__}_{variant.replace(':', '_').replace('-', '_')}", (cls,), {}
+    )
+    return model
 
 
 def _warm_compiler(device: str) -> None:
@@ -575,7 +586,7 @@ def run_size(size: str, names: list[str], args: argparse.Namespace) -> tuple[lis
         torch._dynamo.reset()
         for key, (model, opt) in list(runners.items()):
             name = key[0]
-            compiled = torch.compile(model)
+            compiled = torch.compile(own_class(model, name))
             try:
                 with torch.no_grad():
                     eager = model(input_ids=ids, labels=ids).loss.item()
@@ -593,21 +604,28 @@ def run_size(size: str, names: list[str], args: argparse.Namespace) -> tuple[lis
             runners[(name, "compiled")] = (compiled, opt)
             times[(name, "compiled")] = []
 
-    for _ in range(args.repeats):
-        for key, (model, opt) in list(runners.items()):
-            try:
-                times[key].append(train_step(model, opt, ids)[0])
-            except Exception as e:
-                col = "step ms" if key[1] == "eager" else "compiled ms"
-                rows[key[0]][col] = f"{key[1]} step: {short(e)}"
-                del runners[key], times[key]
+    # Eager and compiled variants are timed in separate phases, each interleaving its own
+    # variants: an eager step between two compiled ones leaves the allocator and caches in
+    # a state the compiled one then pays for.
+    for mode in ("eager", "compiled"):
+        for _ in range(args.repeats):
+            for key, (model, opt) in list(runners.items()):
+                if key[1] != mode:
+                    continue
+                try:
+                    times[key].append(train_step(model, opt, ids)[0])
+                except Exception as e:
+                    col = "step ms" if key[1] == "eager" else "compiled ms"
+                    rows[key[0]][col] = f"{key[1]} step: {short(e)}"
+                    del runners[key], times[key]
 
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items() if v}
     for (name, mode), value in ms.items():
-        ref = ms.get(("float", mode))
         col = "step ms" if mode == "eager" else "compiled ms"
         rows[name][col] = value
-        rows[name]["x float" if mode == "eager" else "x float (c)"] = value / ref if ref else None
+        rows[name]["x float" if mode == "eager" else "x float (c)"] = paired_ratio(
+            times[(name, mode)], times.get(("float", mode), [])
+        )
 
     if args.memory:
         modes = ["eager", "compiled"] if args.compile else ["eager"]
@@ -626,6 +644,18 @@ def run_size(size: str, names: list[str], args: argparse.Namespace) -> tuple[lis
     del runners
     gc.collect()
     return list(rows.values()), notes
+
+
+def paired_ratio(steps: list[float], float_steps: list[float]) -> str | None:
+    """Median over repeats of (this step / float's step in the same repeat), with the
+    quartiles: steps next to each other in time share the machine's drift."""
+    ratios = sorted(a / b for a, b in zip(steps, float_steps, strict=False) if b)
+    if not ratios:
+        return None
+    if len(ratios) < 4:
+        return f"{statistics.median(ratios):.2f}x"
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):.2f}x ({q1:.2f}-{q3:.2f})"
 
 
 def profile_variant(name: str, size: str, args: argparse.Namespace) -> None:
@@ -727,7 +757,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{args.threads} threads, batch {b}x{t}, median of {args.repeats} after {args.warmup} "
         "warm-up, interleaved"
     )
-    legend = "x float: ratio to float in the same run (c: compiled, m: memory)"
+    legend = (
+        "x float: median over repeats of the step time over float's step in the same repeat, "
+        "quartiles in brackets (c: compiled, m: memory)"
+    )
     if args.compile:
         legend += (
             "; compile s: wall time of the first compiled step; graphs: dynamo graphs compiled"

@@ -130,13 +130,17 @@ def _lsq_backward(ctx, grad):
     inside = (u > qmin).logical_and_(u < qmax)  # strictly inside: a code on a bound is clipped
     g = _lsq_grad_scale(x, u.shape[0], qmax, on)
     gs = gb = None
-    buf = inside.view(torch.uint8).to(u.dtype)  # 1{inside}, as float
+    buf = ops.as_float(inside, u.dtype)  # 1{inside}
     if ctx.needs_input_grad[1]:
         # dv̂/ds = round(u) - u inside, the bound outside: c - 1{inside}·u with c the code
         buf.mul_(u)
         dv_ds = u.clamp_(qmin, qmax).round_().sub_(buf)
         gs = (dv_ds.mul_(g_rows).sum(1) * g).to(scale.dtype)
-        buf.copy_(inside.view(torch.uint8))
+        buf = (
+            ops.as_float(inside, u.dtype)
+            if ops.traced(buf)
+            else buf.copy_(inside.view(torch.uint8))
+        )
     gx_rows = buf.mul_(g_rows)
     if offset is not None and ctx.needs_input_grad[2]:
         gb = ((g_rows.sum(1) - gx_rows.sum(1)) * g).to(offset.dtype)  # Σ g·1{clipped}

@@ -41,6 +41,7 @@ from stefx.ste.granularity import Granularity
 __all__ = [
     "NAMESPACE",
     "apply_mask",
+    "as_float",
     "define",
     "fake_rows_output",
     "from_rows",
@@ -50,6 +51,7 @@ __all__ = [
     "mix_input_grad",
     "op_names",
     "scaled",
+    "traced",
 ]
 
 NAMESPACE = "stefx"
@@ -130,11 +132,15 @@ def _inductor_decompositions() -> bool:
     (dynamo's graph still shows the stefx op). Runs while dynamo traces, before inductor
     lowers; a torch without this table keeps the ops opaque (slower, still correct)."""
     try:
-        from torch._inductor.decomposition import decompositions
+        from torch._inductor import decomposition as inductor
     except Exception:  # pragma: no cover - a torch without inductor
         return False
+    new = [op for op, _ in _KERNELS if op not in inductor.decompositions]
     for overload, fn in _KERNELS:
-        decompositions.setdefault(overload, _traced_as_functional(fn))
+        inductor.decompositions.setdefault(overload, _traced_as_functional(fn))
+    cached = getattr(inductor, "fast_random_decomps", None)  # a copy made once a process
+    if new and hasattr(cached, "cache_clear"):
+        cached.cache_clear()
     return True
 
 
@@ -275,10 +281,23 @@ def from_rows(gran: Granularity, y: Tensor, like: Tensor) -> Tensor:
     return torch.empty_like(like).copy_(out)
 
 
-def apply_mask(grad: Tensor, mask: Tensor) -> Tensor:
-    """``grad`` where ``mask`` (bool) holds, else 0, in ``grad``'s dtype.
+def traced(t: Tensor) -> bool:
+    """Whether ``t`` is a tracer's stand-in (AOTAutograd's functional or fake tensors)
+    rather than a real tensor: kernels then write what a compiler fuses best."""
+    return type(t) not in _PLAIN
 
-    A bool tensor read as uint8 and widened costs one fast pass into the one buffer
-    returned; ``torch.where`` and a float-by-bool product take a slow casting path on CPU.
-    """
-    return mask.view(torch.uint8).to(grad.dtype).mul_(grad)
+
+def as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask as 0/1 in ``dtype``. In eager mode read as uint8 and widened (one fast
+    pass; bool-to-float takes a slow casting path on CPU); traced, a plain cast (inductor
+    vectorises it, and a bool-to-uint8 view it does not)."""
+    return mask.to(dtype) if traced(mask) else mask.view(torch.uint8).to(dtype)
+
+
+def apply_mask(grad: Tensor, mask: Tensor) -> Tensor:
+    """``grad`` where ``mask`` (bool) holds, else 0, in ``grad``'s dtype: one buffer in
+    eager mode (``torch.where`` and a float-by-bool product are slow there on CPU),
+    ``torch.where`` when traced (one fused select)."""
+    if traced(grad):
+        return torch.where(mask, grad, 0.0)
+    return as_float(mask, grad.dtype).mul_(grad)
