@@ -21,11 +21,17 @@ difference between their fake-quantized weight / input on one Linear and a hand-
 reference, so a reader can see which schemes are really the same math.
 
 Timing: the steps of all variants are interleaved within each repeat (A, B, C, ..., then
-again) so that machine drift hits them alike; ``--warmup`` untimed steps first, then the
-median of ``--repeats`` timed steps, and the ratio to float measured in the same run.
-``--compile`` adds ``torch.compile(model)`` of every variant (float too): its median step, the
-ratio to compiled float, and the compile time (wall time of the first compiled step; the
-on-disk inductor cache starts empty, but kernels compiled for an earlier variant are reused).
+again) so that machine drift hits them alike; ``--warmup`` untimed steps first, then
+``--repeats`` timed steps. Reported: the median step, and the ratio to float as the median
+over repeats of (step / float's step in the same repeat), with its quartiles: on a noisy
+machine that paired ratio is far steadier than a ratio of medians. ``--compile`` adds
+``torch.compile(model)`` of every variant (float too), timed in a phase of their own after
+the eager ones: the median step, the paired ratio to compiled float, and the compile time
+(wall time of the first compiled step; the on-disk inductor cache starts empty, but kernels
+compiled for an earlier variant are reused). Each compiled variant gets its own subclass
+(see ``own_class``) so that no two share dynamo's cache entries.
+``--breakdown PRESET`` times float, PRESET, and PRESET with only its weight or only its
+input quantizers enabled: where a preset's cost goes.
 ``--memory`` runs each variant in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (so
 glibc gives freed large blocks back at once and RSS tracks live tensors): one warm-up step
 (two when compiled, so that a recompile is not counted), then the peak RSS is reset
@@ -398,15 +404,25 @@ def make_variant(name: str) -> Variant:
         )
     if preset not in PRESETS and family != "stefx":
         raise ValueError(f"no {family} mapping written for {preset!r}")
+    preset, _, only = preset.partition("/")
     is_grouped = preset.endswith(f"-g{GROUP}")
     if family == "stefx":
         import stefx
 
+        if only not in ("", "weights", "inputs"):
+            raise ValueError(f"stefx:{preset}/{only}: keep 'weights' or 'inputs' only")
+
+        def apply(m: nn.Module) -> nn.Module:
+            stefx.quantize(m, preset, report=False)
+            for qname, q in m.named_modules():  # the breakdown: one kind of quantizer on
+                if isinstance(q, stefx.Quantizer):
+                    is_weight = qname.endswith("weight_quantizer")
+                    q.enabled = not only or (only == "weights") == is_weight
+            return m
+
+        what = f", {only} quantizers only" if only else ""
         return Variant(
-            name,
-            f"stefx.quantize(model, {preset!r}, report=False)",
-            lambda m: stefx.quantize(m, preset, report=False),
-            grouped=is_grouped,
+            name, f"stefx.quantize(model, {preset!r}, report=False){what}", apply, is_grouped
         )
     w_refs, a_refs = REFS[preset]
     if family == "torchao":
@@ -707,6 +723,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile", action="store_true", help="also torch.compile every variant")
     parser.add_argument("--memory", action="store_true", help="peak step memory, subprocesses")
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="top-25 ops, one step")
+    parser.add_argument(
+        "--breakdown",
+        default=None,
+        metavar="PRESET",
+        help="float, PRESET, and PRESET with only its weight / only its input quantizers on",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats (smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="also write a markdown table")
@@ -741,6 +763,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _warm_compiler(args.device)
     presets = args.presets.split(",")
     names = variant_names(presets, args.variants.split(",") if args.variants else None)
+    if args.breakdown:
+        p = args.breakdown
+        names = ["float", f"stefx:{p}", f"stefx:{p}/weights", f"stefx:{p}/inputs"]
     rows, notes = [], []
     try:
         for size in sizes:

@@ -25,6 +25,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from stefx.intercept import OpEntry, OpInterceptor
 from stefx.ste.base import Quantizer
 
 __all__ = [
+    "RECOMPUTE_WEIGHTS",
     "STATE_ATTR",
     "ModuleState",
     "fold_scale",
@@ -71,6 +73,7 @@ class ModuleState:
     # transient, only during a forward; never copied or pickled
     latent: dict[str, nn.Parameter] = field(default_factory=dict)
     interceptor: OpInterceptor | None = None
+    saved: Any = None  # the saved-tensor hooks that recompute quantized weights
     warned: bool = False
 
     def quantizers(self, module: nn.Module) -> list[Quantizer]:
@@ -84,7 +87,7 @@ class ModuleState:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(latent={}, interceptor=None, warned=False)
+        state.update(latent={}, interceptor=None, saved=None, warned=False)
         return state
 
 
@@ -121,19 +124,22 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]
     state: ModuleState = module.__dict__[STATE_ATTR]
     if not any(_active(q) for q in state.quantizers(module)):
         return None  # the float forward, untouched
+    requantize: dict | None = {} if RECOMPUTE_WEIGHTS and _may_hook_saved_tensors() else None
     for p, qname in state.swaps.items():
         owner, key = _slot(module, p)
         latent = owner._parameters[key]
         state.latent[p] = latent
         q = module._modules[qname]
-        fold = state.fold.get(p)
-        if fold is not None and _active(q):
-            s = fold_scale(*fold, latent)
-            owner._parameters[key] = q(latent * s) / s
-        else:
-            owner._parameters[key] = q(latent)
+        qw = _quantized_weight(q, latent, state.fold.get(p))
+        owner._parameters[key] = qw
+        if requantize is not None and _recomputable(qw, latent, p, state):
+            requantize[qw.untyped_storage().data_ptr()] = (qw, q, latent)
     if state.input is not None:
         args, kwargs = _quantize_first_input(module._modules[state.input], args, kwargs)
+    if requantize:
+        hooks = torch.autograd.graph.saved_tensors_hooks(partial(_pack, requantize), _unpack)
+        hooks.__enter__()
+        state.saved = (hooks, requantize)
     if state.op_table or state.call_weights:
         state.interceptor = OpInterceptor(module, state.op_table, state.call_weights)
         state.interceptor.__enter__()
@@ -142,6 +148,10 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]
 
 def post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
     state: ModuleState = module.__dict__[STATE_ATTR]
+    if state.saved is not None:
+        (hooks, requantize), state.saved = state.saved, None
+        hooks.__exit__(None, None, None)
+        requantize.clear()  # autograd keeps the pack hook with each tensor it saved
     mode = state.interceptor
     if mode is not None:
         state.interceptor = None
@@ -153,6 +163,85 @@ def post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
     if state.output is not None and floating:
         return module._modules[state.output](output)
     return output
+
+
+def _quantized_weight(q: Quantizer, latent: torch.Tensor, fold) -> torch.Tensor:
+    """``q(latent)``, or with a BatchNorm folded in, ``q(latent·s)/s``."""
+    if fold is not None and _active(q):
+        s = fold_scale(*fold, latent)
+        return q(latent * s) / s
+    return q(latent)
+
+
+# -- quantized weights recomputed in backward, not saved (eager only) ------------------------
+
+#: Recompute each quantized weight in the backward pass instead of keeping the copy the
+#: op that reads it saves (a Linear saves its weight for dL/dx): one weight-sized buffer
+#: less per layer, one quantizer forward more. Off: the copies are kept.
+RECOMPUTE_WEIGHTS = True
+
+
+class _Requantize:
+    """What a saved quantized weight (or a view of it, ``w.t()``) is packed into: how to
+    compute it again, and which view of it was saved."""
+
+    __slots__ = ("latent", "quantizer", "version", "view")
+
+    def __init__(self, quantizer: Quantizer, latent: torch.Tensor, saved: torch.Tensor) -> None:
+        self.quantizer, self.latent = quantizer, latent
+        self.version = latent._version
+        self.view = (saved.size(), saved.stride(), saved.storage_offset())
+
+    def __call__(self) -> torch.Tensor:
+        if self.latent._version != self.version:
+            raise RuntimeError(
+                "stefx: a quantized weight saved for backward is recomputed from its latent "
+                "weight, which was modified in place between forward and backward; set "
+                "stefx.runtime.RECOMPUTE_WEIGHTS = False to keep the copies instead"
+            )
+        with torch.no_grad():
+            w = _quantized_weight(self.quantizer, self.latent, None)
+        return w.as_strided(*self.view)
+
+
+def _recomputable(qw: torch.Tensor, latent: torch.Tensor, param: str, state) -> bool:
+    """A fresh buffer of the quantizer's (not the latent itself: a disabled quantizer),
+    and not a folded weight (it reads BatchNorm statistics that the forward moves)."""
+    return (
+        qw is not latent
+        and param not in state.fold
+        and qw.is_contiguous()
+        and qw.device.type != "meta"
+    )
+
+
+def _may_hook_saved_tensors() -> bool:
+    """Only in eager mode, with gradients, and when no one else (activation checkpointing,
+    offloading) has saved-tensor hooks on: those would otherwise be shadowed."""
+    return (
+        torch.is_grad_enabled()
+        and not _compiling()
+        and torch._C._autograd._saved_tensors_hooks_is_enabled()
+        and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    )
+
+
+def _pack(requantize: dict, t: torch.Tensor) -> Any:
+    """A saved tensor that is a quantized weight or a view of it (same storage, a buffer
+    the quantizer made for it alone) is packed as a recipe to recompute it."""
+    if t.device.type == "meta" or t.layout != torch.strided:
+        return t
+    entry = requantize.get(t.untyped_storage().data_ptr())
+    if (
+        entry is not None
+        and entry[0].untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+    ):
+        return _Requantize(entry[1], entry[2], t)
+    return t
+
+
+def _unpack(packed: Any) -> torch.Tensor:
+    return packed() if isinstance(packed, _Requantize) else packed
 
 
 def restore(module: nn.Module, state: ModuleState) -> None:
