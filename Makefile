@@ -25,12 +25,12 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check stefx tests benchmarks
-	$(BIN)/ruff format --check stefx tests benchmarks
+	$(BIN)/ruff check stefx tests benchmarks examples
+	$(BIN)/ruff format --check stefx tests benchmarks examples
 
 format: $(STAMP)
-	$(BIN)/ruff format stefx tests benchmarks
-	$(BIN)/ruff check --fix stefx tests benchmarks
+	$(BIN)/ruff format stefx tests benchmarks examples
+	$(BIN)/ruff check --fix stefx tests benchmarks examples
 
 # Benchmarks, with the other counters the profile is compared against (fvcore, ptflops).
 bench: $(STAMP)

@@ -40,6 +40,14 @@ and two more steps run. Reported: the peak over that baseline (activations saved
 gradients, temporaries), in MiB and as a ratio to float's. On CUDA the same with
 ``torch.cuda.max_memory_allocated``.
 
+Denormals: on CPU the benchmark flushes denormal floats to zero (``torch.set_flush_denormal``,
+every variant alike; ``--keep-denormals`` to not). A randomly initialised ``bnn`` Llama
+(±1 weights and activations, so large logits and tiny gradients) sends denormal gradients
+through its backward matmuls, which x86 runs many times slower: one 3m run measured bnn at
+1.84x float with denormals kept and 1.17x flushed, its matmuls alone going from 127 ms to
+274 ms a step. That is the arithmetic of the model, not of the quantizer runtime, and
+any implementation of the same numerics pays it; GPUs do not.
+
     python benchmarks/bench_runtime.py --quick                  # smoke test, tiny model
     python benchmarks/bench_runtime.py --sizes 3m --presets w4a8 --memory
     python benchmarks/bench_runtime.py --compile --memory --out benchmarks/out/runtime.md
@@ -503,6 +511,7 @@ def child_memory(name: str, size: str, device: str, compiled: bool) -> dict:
 def run_memory(name: str, size: str, args: argparse.Namespace, compiled: bool) -> float | str:
     cmd = [sys.executable, __file__, "--child-memory", name, "--child-size", size]
     cmd += ["--threads", str(args.threads), "--device", args.device]
+    cmd += ["--keep-denormals"] if args.keep_denormals else []
     cmd += ["--child-compile"] if compiled else []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -730,6 +739,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="float, PRESET, and PRESET with only its weight / only its input quantizers on",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="do not flush denormals to zero on CPU (see the docstring: bnn's matmuls slow down)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats (smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="also write a markdown table")
     parser.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
@@ -737,6 +751,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--child-compile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.keep_denormals:
+        torch.set_flush_denormal(True)
 
     if args.child_memory:
         result = child_memory(args.child_memory, args.child_size, args.device, args.child_compile)
@@ -777,10 +793,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             shutil.rmtree(inductor_dir, ignore_errors=True)
 
     b, t = SIZES[sizes[0]]["batch"], SIZES[sizes[0]]["seq"]
+    denormals = "denormals kept" if args.keep_denormals else "denormals flushed"
     title = (
         f"Training step (fwd + bwd + AdamW), {args.device}, torch {torch.__version__}, "
-        f"{args.threads} threads, batch {b}x{t}, median of {args.repeats} after {args.warmup} "
-        "warm-up, interleaved"
+        f"{args.threads} threads, {denormals}, batch {b}x{t}, median of {args.repeats} after "
+        f"{args.warmup} warm-up, interleaved"
     )
     legend = (
         "x float: median over repeats of the step time over float's step in the same repeat, "

@@ -6,14 +6,19 @@
 4
 """
 
+from stefx import train
 from stefx.api import dequantize, explain, quantize
 from stefx.capture import capture
 from stefx.errors import CaptureError, NoMatchError, RecipeError, StefxError
 from stefx.profile import profile
 from stefx.recipe import Recipe, Rule, load_recipe, preset_names
+from stefx.saving import load, save
 from stefx.ste import Quantizer, QuantSpec, make_quantizer, register_quantizer
 
 __version__ = "0.1.0"
+
+if "transformers" in __import__("sys").modules:  # from_pretrained knows quant_method: stefx
+    import stefx.hf  # noqa: F401  (registers the plug-in; transformers is loaded already)
 
 __all__ = [
     "CaptureError",
@@ -27,10 +32,13 @@ __all__ = [
     "capture",
     "dequantize",
     "explain",
+    "load",
     "load_recipe",
     "make_quantizer",
     "preset_names",
     "profile",
     "quantize",
     "register_quantizer",
+    "save",
+    "train",
 ]

@@ -14,10 +14,11 @@ import time
 
 import torch
 
-__all__ = ["run_demo"]
+__all__ = ["corpus", "run_demo"]
 
 
-def _corpus() -> torch.Tensor:
+def corpus() -> torch.Tensor:
+    """The bytes of Python's own documentation (``pydoc_data.topics``), about 466 kB."""
     from pydoc_data.topics import topics
 
     text = "\n".join(topics[k] for k in sorted(topics))
@@ -62,7 +63,7 @@ def run_demo(recipe: str = "w4a8", float_steps: int = 120, qat_steps: int = 40) 
     import stefx
 
     torch.manual_seed(0)
-    data = _corpus()
+    data = corpus()
     split = int(0.9 * data.numel())
     train, held_out = data[:split], data[split:]
     seq = 64

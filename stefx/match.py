@@ -84,8 +84,8 @@ class Plan:
 
         head = f"recipe {self.recipe.name!r}: {len(self.sites)} sites"
         lines = [head, tabulate(self.rows(), headers="keys", tablefmt="simple")]
-        if self.recipe.on_no_match != "ignore":  # presets expect some rules to miss
-            for rule in self.unmatched:
+        for rule in self.unmatched:
+            if rule.on_no_match != "ignore":  # presets expect some rules to miss
                 lines.append(f"{rule.label} matched nothing: targets={list(rule.targets)}")
         return "\n".join(lines)
 
@@ -188,7 +188,25 @@ def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
             name = op_site_name(op.module, key, ordinal)
             types = _type_names(module)
             out.append(Candidate(name, op.kind, op.module, types, (), ordinal, op, counter=key))
-    return out + _not_run(capture, model, {m for m, _ in slots})
+    out += _not_run(capture, model, {m for m, _ in slots})
+    adapters = adapter_scopes(modules)
+    return [c for c in out if not _inside(c.module, adapters)] if adapters else out
+
+
+def adapter_scopes(modules: dict[str, nn.Module]) -> tuple[str, ...]:
+    """Module paths of PEFT adapters (LoRA's ``lora_A``/``lora_B``, DoRA's magnitude...):
+    every child of a PEFT tuner layer except its ``base_layer``. They are never sites: a
+    zero-initialised ``lora_B`` quantized to zero would stop ``lora_A`` from learning."""
+    scopes = []
+    for fqn, module in modules.items():
+        if any(c.__name__ == "BaseTunerLayer" for c in type(module).__mro__):
+            prefix = f"{fqn}." if fqn else ""
+            scopes += [prefix + n for n in module._modules if n != "base_layer"]
+    return tuple(scopes)
+
+
+def _inside(module: str, scopes: tuple[str, ...]) -> bool:
+    return any(module == s or module.startswith(s + ".") for s in scopes)
 
 
 def unread_weights(capture: Capture, model: nn.Module) -> dict[str, tuple[str, ...]]:

@@ -6,7 +6,8 @@ A recipe is a preset name (``recipes/<name>.yaml``), a YAML or TOML path, a dict
     name: w4a8
     description: ...
     extends: w8a8                 # optional: a preset name or a path; its rules come first
-    on_no_match: error            # error | warn | ignore, for rules that select nothing
+    on_no_match: error            # error | warn | ignore, for rules that select nothing;
+                                  # default: the parent's (else error); a rule may set its own
     rules:
       - targets: [Linear, Conv1D] # op kinds, module types, names (glob) or "re:<regex>"
         ignore: [lm_head]         # same vocabulary; removes sites from this rule
@@ -22,7 +23,10 @@ A recipe is a preset name (``recipes/<name>.yaml``), a YAML or TOML path, a dict
 **Which rule wins**: rules apply in order and a later rule overrides an earlier one, field
 by field: for each site, ``weights``, ``input_activations`` and ``output_activations`` come
 from the last matching rule that sets that field (``false`` sets it to float). Rules of an
-``extends`` parent come before the child's, so a child refines its parent.
+``extends`` parent come before the child's, so a child refines its parent. Each rule keeps
+the ``on_no_match`` of the recipe it was written in (or its own): a preset's rules that miss
+on an architecture stay ignored when a child extends it, and a child that does not say
+otherwise inherits its parent's policy.
 
 This module only reads and validates; it never touches a model.
 """
@@ -43,7 +47,17 @@ from stefx.ste.spec import QuantSpec, parse_spec
 __all__ = ["FIELDS", "Recipe", "Rule", "load_recipe", "preset_names", "presets_dir"]
 
 FIELDS = ("weights", "input_activations", "output_activations")
-RULE_KEYS = ("name", "targets", "ignore", "within", "position", "pattern", "fold_bn", *FIELDS)
+RULE_KEYS = (
+    "name",
+    "targets",
+    "ignore",
+    "within",
+    "position",
+    "pattern",
+    "fold_bn",
+    "on_no_match",
+    *FIELDS,
+)
 RECIPE_KEYS = ("name", "description", "extends", "on_no_match", "rules", "source")
 POSITIONS = ("first", "last")
 ON_NO_MATCH = ("error", "warn", "ignore")
@@ -67,16 +81,21 @@ class Rule:
     input_activations: QuantSpec | str | None = None
     output_activations: QuantSpec | str | None = None
     name: str = ""
+    on_no_match: str = "error"  # what to do when this rule selects nothing
 
     @property
     def label(self) -> str:
         return f"rule {self.index}" + (f" ({self.name})" if self.name else "")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, on_no_match: str = "error") -> dict[str, Any]:
+        """The rule as recipe text; ``on_no_match`` is written only where it differs from
+        the recipe's (the one passed in)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "index" or value in (None, (), "", False):
+                continue
+            if f.name == "on_no_match" and value == on_no_match:
                 continue
             if isinstance(value, QuantSpec):
                 value = value.to_dict()
@@ -103,12 +122,15 @@ class Recipe:
         return _recipe_from_dict(data, base_dir=base_dir, seen=())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The recipe as data (``extends`` resolved: the parent's rules are written out);
+        :meth:`from_dict` reads it back to an equal Recipe."""
+        out = {
             "name": self.name,
             "description": self.description,
             "on_no_match": self.on_no_match,
-            "rules": [r.to_dict() for r in self.rules],
+            "rules": [r.to_dict(self.on_no_match) for r in self.rules],
         }
+        return {**out, "source": self.source} if self.source else out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -211,7 +233,15 @@ def _field(value: Any, where: str) -> QuantSpec | str | None:
     return parse_spec(value, where)
 
 
-def _rule_from_dict(data: Any, index: int, where_recipe: str) -> Rule:
+def _on_no_match(value: Any, where: str) -> str:
+    if value not in ON_NO_MATCH:
+        raise RecipeError(
+            f"{where}: on_no_match={value!r} is invalid; choose one of {list(ON_NO_MATCH)}"
+        )
+    return value
+
+
+def _rule_from_dict(data: Any, index: int, where_recipe: str, on_no_match: str) -> Rule:
     where = f"{where_recipe} rule {index}"
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where}: expected a mapping with 'targets', got {data!r}")
@@ -262,6 +292,7 @@ def _rule_from_dict(data: Any, index: int, where_recipe: str) -> Rule:
         pattern=pattern,
         fold_bn=fold_bn,
         name=str(data.get("name", "")),
+        on_no_match=_on_no_match(data.get("on_no_match", on_no_match), where),
         **fields,
     )
 
@@ -292,15 +323,12 @@ def _recipe_from_dict(
                 f"{where}: unknown key {key!r}{did_you_mean(key, RECIPE_KEYS)}; "
                 f"valid keys: {', '.join(RECIPE_KEYS)}"
             )
-    on_no_match = data.get("on_no_match", "error")
-    if on_no_match not in ON_NO_MATCH:
-        raise RecipeError(
-            f"{where}: on_no_match={on_no_match!r} is invalid; choose one of {list(ON_NO_MATCH)}"
-        )
     parent_rules: tuple[Rule, ...] = ()
+    inherited = "error"
     if data.get("extends") is not None:
         parent = _load(data["extends"], seen=seen, base_dir=base_dir)
-        parent_rules = parent.rules
+        parent_rules, inherited = parent.rules, parent.on_no_match
+    on_no_match = _on_no_match(data.get("on_no_match", inherited), where)
     raw_rules = data.get("rules", [])
     if not isinstance(raw_rules, list):
         raise RecipeError(f"{where}: rules={raw_rules!r} is invalid; expected a list of rules")
@@ -308,7 +336,7 @@ def _recipe_from_dict(
         raise RecipeError(f"{where}: has no rules; add at least one under 'rules:'")
     rules = list(parent_rules)
     for raw in raw_rules:
-        rules.append(_rule_from_dict(raw, len(rules), where))
+        rules.append(_rule_from_dict(raw, len(rules), where, on_no_match))
     return Recipe(
         name=name,
         rules=tuple(rules),

@@ -154,6 +154,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[str]:
                 f"module {fqn!r} is already quantized; call stefx.dequantize(model) first"
             )
         state, built = _build(module, sites, modules)
+        state.fqn = fqn
         device = device_of(module)
         if device is not None:  # activation quantizers hold state too (LSQ step, PACT α)
             built = {name: q.to(device) for name, q in built.items()}

@@ -61,6 +61,8 @@ class ModuleState:
     op_table:     (counter, ordinal) -> :class:`OpEntry` for op sites.
     fold:         weight -> (BatchNorm, weight axis) folded into it while training.
     added:        attributes stefx added (removed by ``dequantize``).
+    fqn:          the module's name when it was quantized (the plan's sites say it); a
+                  wrapper that moves the module (PEFT's LoRA layer) leaves it behind.
     """
 
     swaps: dict[str, str] = field(default_factory=dict)
@@ -70,6 +72,7 @@ class ModuleState:
     op_table: dict[tuple[str, int], OpEntry] = field(default_factory=dict)
     fold: dict[str, tuple[nn.Module, int]] = field(default_factory=dict)
     added: list[str] = field(default_factory=list)
+    fqn: str = ""
     # transient, only during a forward; never copied or pickled
     latent: dict[str, nn.Parameter] = field(default_factory=dict)
     interceptor: OpInterceptor | None = None

@@ -25,6 +25,7 @@ input dimension) is decided here too, once, and kept on the :class:`Site`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,8 @@ import torch
 
 from stefx.capture.graph import OpNode
 from stefx.capture.kinds import FUNCTIONAL_KINDS, call_name, kind_of_function
-from stefx.ste.spec import QuantSpec
+from stefx.errors import RecipeError
+from stefx.ste.spec import QUANTIZERS, QuantSpec, parse_spec
 
 __all__ = [
     "Site",
@@ -80,6 +82,47 @@ class Site:
     @property
     def is_op_site(self) -> bool:
         return self.ordinal is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (specs as recipe dicts); :meth:`from_dict` reads it back."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, QuantSpec):
+                value = value.to_dict()
+            elif f.name == "weight_specs":
+                value = {p: spec.to_dict() for p, spec in value.items()}
+            elif f.name == "expert_in_axis":
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Site:
+        """The site :meth:`to_dict` wrote; specs are validated again (a custom quantizer
+        type must be registered first). Raises RecipeError on a malformed record."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, Mapping) or not {"name", "kind", "module"} <= set(data):
+            raise RecipeError(f"site record {data!r} is invalid; expected Site.to_dict() output")
+        if unknown := set(data) - names:
+            raise RecipeError(f"site {data['name']!r}: unknown keys {sorted(unknown)}")
+        kw = dict(data)
+        where = f"site {data['name']!r}"
+        for key in ("weights", "input_activations", "output_activations"):
+            if kw.get(key) is not None:
+                kw[key] = parse_spec(kw[key], f"{where} {key}")
+        kw["weight_specs"] = {
+            p: parse_spec(spec, f"{where} weights {p}")
+            for p, spec in (kw.get("weight_specs") or {}).items()
+        }
+        for key in ("params", "rules"):
+            kw[key] = tuple(kw.get(key, ()))
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise RecipeError(f"{where}: {e}") from None
 
 
 # -- the op-site rule ----------------------------------------------------------------------
@@ -194,12 +237,15 @@ def weight_spec(
     """The spec a weight quantizer of a ``kind`` op really gets, with its axis resolved:
     ``channel`` means one scale per output channel, ``group`` runs of ``group_size``
     along the input dimension, whatever the weight's layout; a fused expert weight gets
-    one scale per (expert, output row), i.e. groups spanning its whole input axis."""
+    one scale per (expert, output row): one group spanning its whole input axis, or the
+    ``token`` view along that axis for quantizers without groups (binary, ternary, SEQ)."""
     if spec.axis is not None or spec.strategy not in ("channel", "group"):
         return spec
     out_axis, inp = weight_axes(kind, module_type, len(shape), in_axis)
     if spec.strategy == "channel":
         if in_axis is not None:
-            return spec.replace(strategy="group", axis=in_axis, group_size=shape[in_axis])
+            if "group" in QUANTIZERS.get(spec.type).strategies:
+                return spec.replace(strategy="group", axis=in_axis, group_size=shape[in_axis])
+            return spec.replace(strategy="token", axis=in_axis)
         return spec if out_axis == 0 else spec.replace(axis=out_axis)
     return spec if inp in (-1, len(shape) - 1) else spec.replace(axis=inp)

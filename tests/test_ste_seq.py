@@ -49,7 +49,7 @@ def test_registered_with_defaults():
         ({"num_bits": 8}, "num_bits"),
         ({"num_bits": "2"}, "num_bits"),
         ({"strategy": "group", "group_size": 4}, "strategy"),
-        ({"strategy": "token"}, "strategy"),
+        ({"strategy": "diagonal"}, "strategy"),
         ({"eps": 0.0}, "eps"),
         ({"eps": -1.0}, "eps"),
         ({"eps": "tiny"}, "eps"),

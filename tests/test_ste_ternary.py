@@ -43,7 +43,7 @@ def test_registered_with_defaults():
         ({"scale": "twm"}, "scale"),
         ({"num_bits": 1}, "num_bits"),
         ({"estimator": "clipped"}, "estimator"),
-        ({"strategy": "token"}, "strategy"),
+        ({"strategy": "diagonal"}, "strategy"),
         ({"beta": 5.0}, "beta"),
     ],
 )

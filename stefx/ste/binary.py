@@ -266,7 +266,7 @@ class BinaryQuantizer(Quantizer):
     """1-bit sign quantizer; see the module docstring for the math."""
 
     bits_choices = (1,)
-    strategies = ("tensor", "channel")
+    strategies = ("tensor", "channel", "token")
     scales = ("none", "absmean")
     estimators = ("clipped", *(n for n in SIGN_ESTIMATORS.names() if n != "clipped"))
     mixes_strength = True

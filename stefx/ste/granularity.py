@@ -9,8 +9,9 @@ quantization. This module owns that view and nothing else.
   Linear/Conv weight), shape (C, numel / C).
 - ``group``:   runs of ``group_size`` consecutive elements along ``axis`` (default -1, the
   input dimension of a Linear weight), shape (numel / group_size, group_size).
-- ``token``:   one group per vector along the last axis (per-token activations),
-  shape (numel / D, D).
+- ``token``:   one group per vector along ``axis`` (default -1: per-token activations),
+  shape (numel / D, D); on a fused expert weight [E, out, in], one scale per
+  (expert, output row).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Granularity:
         if self.strategy == "channel":
             return shape[axis]
         if self.strategy == "token":
-            return numel // max(shape[-1], 1)
+            return numel // max(shape[axis], 1)
         size = shape[axis]
         if self.group_size is None or size % self.group_size:
             raise RecipeError(
@@ -69,15 +70,17 @@ class Granularity:
         groups = self.num_groups(x.shape)
         if self.strategy == "channel":
             return x.movedim(axis, 0).reshape(groups, -1)
-        if self.strategy == "token":
+        if self.strategy == "token" and axis == x.dim() - 1:
             return x.reshape(groups, -1)
         return x.movedim(axis, -1).reshape(groups, -1)
 
     def unrows(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Inverse of :meth:`rows`: back to ``shape``."""
-        if self.strategy in ("tensor", "token") or len(shape) == 0:
+        if self.strategy == "tensor" or len(shape) == 0:
             return y.reshape(shape)
         axis = self._axis(len(shape))
+        if self.strategy == "token" and axis == len(shape) - 1:
+            return y.reshape(shape)
         moved = list(shape)
         moved.insert(0 if self.strategy == "channel" else len(shape), moved.pop(axis))
         return y.reshape(moved).movedim(0 if self.strategy == "channel" else -1, axis)

@@ -204,12 +204,13 @@ class _LearnedStepQuantizer(Quantizer):
             self.offset = nn.Parameter(torch.empty(0))
         else:
             self.register_parameter("offset", None)
-        self._initialized = False
 
     @property
     def initialized(self) -> bool:
-        """Whether the learned parameters hold values (from data or a state dict)."""
-        return self._initialized
+        """Whether the learned parameters hold values (from data or a state dict): they
+        are empty until then. Read off the tensors themselves, so any loader that sets
+        them (``load_state_dict``, transformers' ``from_pretrained``, FSDP) counts."""
+        return self.scale.numel() > 0
 
     def _learned(self) -> tuple[str, ...]:
         return ("scale", "offset") if self.has_offset else ("scale",)
@@ -233,12 +234,11 @@ class _LearnedStepQuantizer(Quantizer):
                 )
             dtype = param.dtype if param.is_floating_point() else torch.float32
             param.data = value.to(dtype)
-        self._initialized = True
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x
-        if not self._initialized:
+        if not self.initialized:
             self.lazy_init(x)
         groups = self.granularity.num_groups(x.shape)
         params = [getattr(self, name) for name in self._learned()]
@@ -271,7 +271,7 @@ class _LearnedStepQuantizer(Quantizer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Before the first forward the parameters are empty: take the saved shape, as long
         # as it is one value per group (exactly one for per-tensor).
-        if not self._initialized:
+        if not self.initialized:
             for name in self._learned():
                 saved = state_dict.get(prefix + name)
                 param = getattr(self, name)
@@ -284,12 +284,6 @@ class _LearnedStepQuantizer(Quantizer):
                 if fits and saved.shape != param.shape:
                     param.data = torch.empty(saved.shape, dtype=param.dtype, device=param.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        loaded = [state_dict.get(prefix + name) for name in self._learned()]
-        if all(
-            isinstance(t, torch.Tensor) and t.numel() > 0 and t.shape == getattr(self, n).shape
-            for t, n in zip(loaded, self._learned(), strict=True)
-        ):
-            self._initialized = True
 
 
 @register_quantizer("lsq")

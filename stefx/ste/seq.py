@@ -198,7 +198,7 @@ class SEQQuantizer(Quantizer):
     """ParetoQ Stretched Elastic Quant, 2^b levels in ±α; see the module docstring."""
 
     bits_choices = (2, 3, 4)
-    strategies = ("channel", "tensor")
+    strategies = ("channel", "tensor", "token")
     scales = ("learned",)
     estimators = ("ste",)
     options = MappingProxyType({"eps": 1e-5})

@@ -142,7 +142,7 @@ class TernaryQuantizer(Quantizer):
 
     bits_choices = (2,)
     levels: ClassVar[int] = 3
-    strategies = ("tensor", "channel")
+    strategies = ("tensor", "channel", "token")
     scales = ("absmean", "twn", "seq")
     estimators = ("ste",)
     options = MappingProxyType({"eps": 1e-5})

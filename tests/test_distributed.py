@@ -1,0 +1,100 @@
+"""DistributedDataParallel (gloo, 2 CPU processes) on a stefx-quantized model gives the
+loss curve of one process on the same global batch; FSDP2 (``fully_shard``) shards the
+quantizers' per-channel steps with their weights and trains the same."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import stefx
+from tests.zoo import build
+
+pytest.importorskip("transformers")
+
+STEPS = 10
+BATCH = 8  # global; each of the 2 ranks takes half
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 128, (BATCH, 16), generator=g) for _ in range(STEPS)]
+
+
+def _model(preset):
+    model, _ = build("llama")
+    return stefx.quantize(model, preset, report=False)
+
+
+def _step(model, opt, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.detach()
+
+
+def _single(preset):
+    model = _model(preset)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    return [_step(model, opt, ids).item() for ids in _batches()], model
+
+
+def _worker(rank, world, port, preset, mode, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model(preset)
+        if mode == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            wrapped = fully_shard(model)
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
+        losses = []
+        half = BATCH // world
+        for ids in _batches():
+            loss = _step(wrapped, opt, ids[rank * half : (rank + 1) * half])
+            dist.all_reduce(loss)
+            losses.append(loss.item() / world)
+        if mode == "fsdp2":
+            from torch.distributed.tensor import DTensor
+
+            scale = model.model.layers[0].self_attn.q_proj.weight_quantizer.scale
+            assert isinstance(scale, DTensor)  # sharded with the layer, like the weight
+            scale = scale.full_tensor()
+        else:
+            scale = model.model.layers[0].self_attn.q_proj.weight_quantizer.scale.detach()
+        if rank == 0:
+            torch.save({"losses": losses, "scale": scale.clone()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_match_one(tmp_path, mode):
+    preset = "w4a8"
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(2, _free_port(), preset, mode, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    want, model = _single(preset)
+    # w4a8: per-channel LSQ weight steps, per-token activations: no statistic spans the
+    # batch, so halves of it give the same gradients; only summation order differs
+    assert got["losses"] == pytest.approx(want, abs=1e-4)
+    scale = model.model.layers[0].self_attn.q_proj.weight_quantizer.scale.detach()
+    assert torch.allclose(got["scale"], scale, atol=1e-5)
