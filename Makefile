@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stefx-installed
 TORCH   := torch==2.13.0
 
-.PHONY: demo test test-slow lint format bench clean
+.PHONY: demo test test-slow lint format bench bench-runtime clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ste.py
 	$(BIN)/python benchmarks/bench_quantize.py
 	$(BIN)/python benchmarks/bench_profile.py
+
+# The quantizer runtime against float, torchao and Brevitas (docs/benchmarks.md): ~40 min.
+bench-runtime: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python benchmarks/bench_runtime.py --sizes 3m --repeats 9 --compile --memory
+	$(BIN)/python benchmarks/bench_runtime.py --sizes 30m --repeats 7 --compile --memory
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

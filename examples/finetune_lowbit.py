@@ -100,6 +100,7 @@ def fit(model, train, steps, lr, out, teacher=None, warmup=0, batch=16):
             train_dataset=train,
             callbacks=callbacks,
         )
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # quiet
     trainer.train()
     return model
 
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--presets", default="bitnet-b158,w4a8")
-    parser.add_argument("--float-steps", type=int, default=800)
-    parser.add_argument("--qat-steps", type=int, default=200)
+    parser.add_argument("--float-steps", type=int, default=600)
+    parser.add_argument("--qat-steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="where to save the student")
     args = parser.parse_args(argv)

@@ -135,6 +135,11 @@ class StefxHfQuantizer(HfQuantizer):
         model.config.quantization_config = self.quantization_config
         return model
 
+    def _dequantize(self, model: nn.Module, dtype: Any = None) -> nn.Module:
+        import stefx  # model.dequantize(): the float model, quantizers gone
+
+        return stefx.dequantize(model)
+
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
 

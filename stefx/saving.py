@@ -248,7 +248,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     from stefx.surgery import to_graph_module
 
     header, tensors = _read(path)
-    info = header["model"]
+    info = {"class": "model", **(header.get("model") or {})}
     try:
         plan = plan_from_dict(header["plan"])
     except (KeyError, TypeError, StefxError) as e:
@@ -287,7 +287,11 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             raise StefxError(
                 f"stefx.load: {str(path)!r} does not fit this {type(model).__name__}: "
                 + (f"missing from the file: {_few(missing)}; " if missing else "")
-                + (f"in the file but not the model: {_few(unexpected)}; " if unexpected else "")
+                + (
+                    f"in the file but not the model (or shaped otherwise): {_few(unexpected)}; "
+                    if unexpected
+                    else ""
+                )
                 + f"the file holds a {info['class']} quantized with recipe "
                 f"{plan.recipe.name!r}"
             )
@@ -310,8 +314,15 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
 
 
 def _keys(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    want = set(model.state_dict())
-    return sorted(want - set(state)), sorted(set(state) - want)
+    """Keys missing from the file, and keys the model lacks or holds in another shape
+    (a still-empty, lazily initialised quantizer state takes any saved shape)."""
+    want = model.state_dict()
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (here {tuple(t.shape)})"
+        for k, t in want.items()
+        if k in state and t.numel() and tuple(t.shape) != tuple(state[k].shape)
+    ]
+    return sorted(set(want) - set(state)), sorted(set(state) - set(want)) + wrong
 
 
 def _few(keys: list[str], n: int = 5) -> str:

@@ -71,7 +71,9 @@ class DistillationTrainer(Trainer):
         if not 0.0 <= alpha <= 1.0:
             raise StefxError(f"alpha={alpha!r} is invalid; expected a number in [0, 1]")
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        # run under no_grad, never trained: its parameters are left as they are (the
+        # caller's float model may be quantized or trained next)
+        self.teacher = teacher.to(self.args.device).eval()
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

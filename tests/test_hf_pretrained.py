@@ -35,16 +35,23 @@ def _quantizer_state(model):
     return {k: v for k, v in model.state_dict().items() if "quantizer" in k}
 
 
-def _reload(path, auto="AutoModelForCausalLM", **kw):
+def _reload(path, auto="AutoModelForCausalLM", attn="eager", **kw):
+    """from_pretrained, with the attention the zoo model used (eager and SDPA round apart)."""
     model, info = getattr(transformers, auto).from_pretrained(
-        path, attn_implementation="eager", output_loading_info=True, **kw
+        path, attn_implementation=attn, output_loading_info=True, **kw
     )
     return model, info
 
 
 @pytest.mark.parametrize(
     ("name", "preset"),
-    [("llama", "w4a8"), ("gpt2", "pact-w4a4"), ("qwen2_moe", "w4a8"), ("mixtral", "bitnet-b158")],
+    [
+        ("llama", "w4a8"),
+        ("gpt2", "pact-w4a4"),
+        ("qwen3", "w4a8"),
+        ("qwen2_moe", "w4a8"),
+        ("mixtral", "bitnet-b158"),
+    ],
 )
 def test_from_pretrained_restores_the_quantized_model(tmp_path, name, preset):
     model, _ = build(name)
@@ -54,7 +61,7 @@ def test_from_pretrained_restores_the_quantized_model(tmp_path, name, preset):
     assert config["quantization_config"]["quant_method"] == "stefx"
     assert config["quantization_config"]["plan"]["recipe"]["name"] == preset
 
-    again, info = _reload(tmp_path)
+    again, info = _reload(tmp_path, attn=q.config._attn_implementation)
     assert type(again) is type(q)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"]
@@ -140,3 +147,29 @@ def test_stefx_config_needs_a_plan_or_a_recipe():
         stefx.hf.StefxConfig()
     with pytest.raises(stefx.StefxError, match="newer stefx"):
         stefx.hf.StefxConfig(recipe="w4a8", version=99)
+
+
+def test_a_reloaded_model_trains_with_trainer_and_dequantizes(tmp_path):
+    pytest.importorskip("accelerate")
+    model, _ = build("llama")
+    stefx.quantize(model, "w4a8", report=False).save_pretrained(tmp_path / "q")
+    again, _ = _reload(tmp_path / "q")
+    assert again.is_quantized  # transformers' own flag: its Trainer checks QAT support
+    data = [{"input_ids": _ids(i)[0], "labels": _ids(i)[0]} for i in range(8)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    scale = again.model.layers[0].self_attn.q_proj.weight_quantizer.scale
+    before = scale.detach().clone()
+    transformers.Trainer(model=again, args=args, train_dataset=data).train()
+    assert not torch.equal(before, scale.detach())
+    float_model = again.dequantize()  # transformers' API, through the plug-in
+    assert not quantized_modules(float_model)
+    assert getattr(float_model.config, "quantization_config", None) is None

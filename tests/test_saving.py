@@ -48,6 +48,7 @@ def _learned(model):
         ("llama", "w4a8"),
         ("gpt2", "w4a8"),
         ("qwen2_moe", "w4a8"),
+        ("qwen3", "w4a8"),
         ("mistral", "pact-w4a4"),
         ("llama", "paretoq-2bit"),
     ],
@@ -71,6 +72,32 @@ def test_round_trip_rebuilds_the_hf_model_with_its_learned_state(tmp_path, name,
     assert torch.equal(q(ids).logits, again(ids).logits)
     assert again._stefx_plan.recipe == q._stefx_plan.recipe
     assert [s.name for s in again._stefx_plan.sites] == [s.name for s in q._stefx_plan.sites]
+
+
+def test_sequence_classifier_trains_and_round_trips(tmp_path):
+    """A BERT-style AutoModelForSequenceClassification: loss falls, head stays float,
+    stefx.save / stefx.load rebuild it with identical logits."""
+    torch.manual_seed(0)
+    config = hf_config("bert")
+    config.num_labels = 3
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    q = stefx.quantize(model, "w4a8", report=False)
+    ids, labels = _ids(batch=8), torch.arange(8) % 3
+    opt = torch.optim.AdamW(q.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = q(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    path = tmp_path / "bert.safetensors"
+    stefx.save(q, path)
+    again = stefx.load(path)
+    assert type(again) is type(q) and "classifier" not in quantized_modules(again)
+    q.eval(), again.eval()
+    assert torch.equal(q(input_ids=ids).logits, again(input_ids=ids).logits)
 
 
 def test_tied_weights_stay_tied_and_are_stored_once(tmp_path):
@@ -216,3 +243,19 @@ def test_loading_into_an_already_quantized_model(saved):
     stefx.quantize(model, "w4a8", report=False)
     with pytest.raises(StefxError, match="already quantized"):
         stefx.load(saved, model)
+
+
+def test_a_shape_that_differs_outside_the_sites_changes_nothing(saved):
+    """The embedding is not a quantized site, so only the strict load would notice: it is
+    checked before any tensor is copied, and the model keeps its own weights."""
+    config = hf_config("llama")
+    config.vocab_size = 120
+    torch.manual_seed(1)
+    other = transformers.AutoModelForCausalLM.from_config(config)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(
+        StefxError, match=r"model.embed_tokens.weight \(128, 32\) \(here \(120, 32\)\)"
+    ):
+        stefx.load(saved, other)
+    assert not quantized_modules(other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())

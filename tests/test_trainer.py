@@ -183,5 +183,6 @@ def test_distillation_trainer_learns_from_a_frozen_teacher(tmp_path):
     losses = _losses(trainer)
     assert losses[-1] < losses[0], losses
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+    assert all(p.requires_grad for p in teacher.parameters())  # left as the caller had it
     with pytest.raises(stefx.StefxError, match="alpha=2"):
         DistillationTrainer(model=model, teacher=teacher, alpha=2, args=args)

@@ -138,7 +138,10 @@ def fake_quant(
         mask = ops.Scratch(codes.t >= qmin).logical_and(codes.t <= qmax).t
     else:
         mask = x.new_empty(0, dtype=torch.bool)
-    codes.clamp(qmin, qmax)
+    if frozen or not symmetric:
+        # (a symmetric absmax scale of this very call maps every |x| to at most
+        # qmax·(1 + ε), which rounds to qmax: the clamp would be a pass that changes nothing)
+        codes.clamp(qmin, qmax)
     if z is not None:
         codes.sub(z)
     y = codes.mul(s).t.to(x.dtype)
