@@ -86,9 +86,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_processes_match_one(tmp_path, mode):
-    preset = "w4a8"
+GROUPED = {  # per-group LSQ steps: one per 16 inputs, more steps than rows to shard
+    "name": "w4-g16",
+    "rules": [
+        {
+            "targets": ["linear"],
+            "ignore": ["lm_head"],
+            "weights": {"type": "lsq", "num_bits": 4, "strategy": "group", "group_size": 16},
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("mode", "preset"),
+    [("ddp", "w4a8"), ("fsdp2", "w4a8"), ("fsdp2", GROUPED)],
+    ids=["ddp-channel", "fsdp2-channel", "fsdp2-group"],
+)
+def test_two_processes_match_one(tmp_path, mode, preset):
     out = tmp_path / "rank0.pt"
     mp.spawn(_worker, args=(2, _free_port(), preset, mode, str(out)), nprocs=2, join=True)
     got = torch.load(out)

@@ -84,6 +84,30 @@ def test_trainer_trains_a_quantized_model(tmp_path, args):
     assert torch.equal(out, no_cache)  # the KV cache changes nothing but speed
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen3", "qwen2_moe", "mixtral"])
+def test_plain_loop_loss_falls_and_generate_works(name):
+    model, _ = build(name)
+    q = stefx.quantize(model, "w4a8", report=False)
+    data = _Tokens(n=8)
+    batch = {k: torch.stack([data[i][k] for i in range(8)]) for k in ("input_ids", "labels")}
+    opt = torch.optim.AdamW(q.parameters(), lr=5e-3)
+    losses = []
+    for step in range(12):
+        loss = q(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        if step == 5:  # generate mid-training, then carry on
+            q.eval()
+            q.generate(batch["input_ids"][:1, :4], max_new_tokens=2, do_sample=False)
+            q.train()
+    assert losses[-1] < losses[0] - 0.1, losses
+    q.eval()
+    out = q.generate(batch["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+
+
 def test_resume_continues_the_same_loss_curve(tmp_path):
     full = _trainer(_model(), tmp_path / "full", steps=6)
     full.train()
