@@ -429,9 +429,10 @@ def make_variant(name: str) -> Variant:
             return m
 
         what = f", {only} quantizers only" if only else ""
-        return Variant(
-            name, f"stefx.quantize(model, {preset!r}, report=False){what}", apply, is_grouped
-        )
+        if is_grouped:
+            what += f" (a width that {GROUP} does not divide gets a ragged last group)"
+        # stefx takes any width; torchao and Brevitas need multiples of the group
+        return Variant(name, f"stefx.quantize(model, {preset!r}, report=False){what}", apply)
     w_refs, a_refs = REFS[preset]
     if family == "torchao":
         if preset in TORCHAO_SKIP:

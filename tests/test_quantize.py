@@ -208,11 +208,11 @@ def test_failure_leaves_the_model_untouched():
             {
                 "targets": ["linear"],
                 "position": "last",
-                "weights": {"type": "uniform", "num_bits": 4, "strategy": "group", "group_size": 7},
+                "weights": {"type": "uniform", "num_bits": 4, "strategy": "channel", "axis": 5},
             },
         ],
     }
-    with pytest.raises(stefx.RecipeError, match="group_size 7"):
+    with pytest.raises(stefx.RecipeError, match="axis 5 is out of range"):
         stefx.quantize(model, bad, example, report=False)
     assert not quantized_modules(model)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())

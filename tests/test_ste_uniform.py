@@ -148,10 +148,12 @@ def test_token_matches_per_row_reference(bits, symmetric, shape):
     assert_exact(q(x), expected)
 
 
-def test_group_size_that_does_not_divide_raises():
+def test_group_size_that_does_not_divide_gives_a_ragged_last_group():
+    """12 inputs in groups of 5: 5, 5 and a last group of 2, each its own absmax scale."""
     q = uniform(num_bits=4, strategy="group", group_size=5)
-    with pytest.raises(ValueError, match="group_size 5 does not divide"):
-        q(torch.randn(3, 12))
+    x = torch.randn(3, 12)
+    chunks = [per_row_reference(x[:, i : i + 5], 4, True) for i in range(0, 12, 5)]
+    assert_exact(q(x), torch.cat(chunks, dim=1))
 
 
 # -------------------------------------------------------------------------- closed form

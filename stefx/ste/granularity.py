@@ -8,7 +8,12 @@ quantization. This module owns that view and nothing else.
 - ``channel``: one group per index along ``axis`` (default 0, the output channel of a
   Linear/Conv weight), shape (C, numel / C).
 - ``group``:   runs of ``group_size`` consecutive elements along ``axis`` (default -1, the
-  input dimension of a Linear weight), shape (numel / group_size, group_size).
+  input dimension of a Linear weight), shape (numel / group_size, group_size). When
+  ``group_size`` does not divide that dimension the last run of each line is shorter
+  (a *ragged* group, as GPTQ and AWQ treat a width such as 352 with group 64): the row
+  view pads it with zeros, which change neither an absmax nor a min/max range that
+  already spans zero (stefx's do), nor LSQ's step gradient (a zero has code 0), and
+  :meth:`Granularity.unrows` drops the padding again.
 - ``token``:   one group per vector along ``axis`` (default -1: per-token activations),
   shape (numel / D, D); on a fused expert weight [E, out, in], one scale per
   (expert, output row).
@@ -55,15 +60,22 @@ class Granularity:
         if self.strategy == "token":
             return numel // max(shape[axis], 1)
         size = shape[axis]
-        if self.group_size is None or size % self.group_size:
-            raise RecipeError(
-                f"group_size {self.group_size} does not divide dimension {axis} of size {size}; "
-                f"pick a group_size that divides {size}"
-            )
-        return numel // self.group_size
+        if self.group_size is None:
+            raise RecipeError("strategy 'group' needs a group_size")
+        if size == 0:
+            return 0
+        return (numel // size) * -(-size // self.group_size)
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the (groups, elements) view of ``x`` (a copy only when the axis is inner)."""
+    def pad(self, shape: torch.Size | tuple[int, ...]) -> int:
+        """Zeros appended to each line along the group axis (0 unless groups are ragged)."""
+        if self.strategy != "group" or len(shape) == 0 or not self.group_size:
+            return 0
+        size = shape[self._axis(len(shape))]
+        return -size % self.group_size
+
+    def rows(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Return the (groups, elements) view of ``x`` (a copy only when the axis is inner,
+        or groups are ragged: then ``fill`` pads them; NaN for statistics that skip it)."""
         if self.strategy == "tensor" or x.dim() == 0:
             return x.reshape(1, -1)
         axis = self._axis(x.dim())
@@ -72,6 +84,10 @@ class Granularity:
             return x.movedim(axis, 0).reshape(groups, -1)
         if self.strategy == "token" and axis == x.dim() - 1:
             return x.reshape(groups, -1)
+        pad = self.pad(x.shape)
+        if pad:  # ragged: zeros complete each line's last group
+            lines = x.movedim(axis, -1)
+            return torch.nn.functional.pad(lines, (0, pad), value=fill).reshape(groups, -1)
         return x.movedim(axis, -1).reshape(groups, -1)
 
     def unrows(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -83,4 +99,8 @@ class Granularity:
             return y.reshape(shape)
         moved = list(shape)
         moved.insert(0 if self.strategy == "channel" else len(shape), moved.pop(axis))
+        pad = self.pad(shape)
+        if pad:
+            lines = y.reshape(*moved[:-1], moved[-1] + pad)[..., : moved[-1]]
+            return lines.movedim(-1, axis)
         return y.reshape(moved).movedim(0 if self.strategy == "channel" else -1, axis)

@@ -224,7 +224,9 @@ class _LearnedStepQuantizer(Quantizer):
         nothing happens and the first real tensor initialises)."""
         if x.is_meta or x.numel() == 0:
             return
-        values = self._initial_values(self.granularity.rows(x.detach()).float())
+        # NaN pads a ragged last group: the statistics below skip non-finite values
+        rows = self.granularity.rows(x.detach(), fill=float("nan"))
+        values = self._initial_values(rows.float())
         for name, value in values.items():
             param = getattr(self, name)
             if param.is_meta:
