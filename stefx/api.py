@@ -100,6 +100,7 @@ def quantize(
             f"here: {', '.join(sorted({c.kind for c in plan.candidates})) or 'none'}. "
             "Check the rules' targets with stefx.explain(model, recipe)."
         )
+    _warn_constant_binarizers(plan)
     for rule in plan.unmatched:
         if rule.on_no_match == "error":
             raise NoMatchError(_no_match_message(rule, plan))
@@ -146,6 +147,23 @@ def dequantize(model: nn.Module) -> nn.Module:
     if hf is not None:
         hf.detach_config(model)
     return outer
+
+
+def _warn_constant_binarizers(plan: Plan) -> None:
+    from stefx.match import binarized_nonnegative_inputs
+
+    found = binarized_nonnegative_inputs(plan)
+    if not found:
+        return
+    where = ", ".join(f"{site!r} (after {producer})" for site, producer in found[:6])
+    more = f" and {len(found) - 6} more" if len(found) > 6 else ""
+    warnings.warn(
+        f"recipe {plan.recipe.name!r} binarizes inputs that are never negative: {where}{more}. "
+        "sign() of them is a constant, so those layers cannot learn. Binarize the signal "
+        "before the ReLU (e.g. output_activations of the BatchNorm, as XNOR-Net and Bi-Real "
+        "Net order it), or keep these inputs float (input_activations: false).",
+        stacklevel=3,
+    )
 
 
 def target_of(model: nn.Module) -> nn.Module:
