@@ -36,6 +36,7 @@ from stefx.errors import StefxError
 
 __all__ = [
     "distillation_loss",
+    "param_groups",
     "quantizer_parameters",
     "quantizers",
     "ramp",
@@ -62,6 +63,39 @@ def quantizer_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]
         if isinstance(module, Quantizer):
             for p_name, p in module.named_parameters(recurse=False):
                 yield (f"{mod_name}.{p_name}" if mod_name else p_name), p
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    quantizer_lr: float | None = None,
+    quantizer_weight_decay: float = 0.0,
+) -> list[dict]:
+    """Optimizer parameter groups: the model's trainable parameters with ``lr`` and
+    ``weight_decay``, the quantizers' learned state with ``quantizer_lr`` (default ``lr``)
+    and no weight decay by default (decay pulls a learned step toward zero, i.e. toward
+    fewer levels). ``torch.optim.AdamW(stefx.train.param_groups(model, 1e-4))``.
+
+    >>> import torch, stefx
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    >>> q = stefx.quantize(net, "w4a8", (torch.randn(2, 8),), report=False)
+    >>> [len(g["params"]) for g in param_groups(q, 1e-3, quantizer_lr=1e-4)]
+    [2, 1]
+    """
+    quant = {id(p) for _, p in quantizer_parameters(model)}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in quant]
+    steps = [p for _, p in quantizer_parameters(model) if p.requires_grad]
+    groups = [{"params": others, "lr": lr, "weight_decay": weight_decay}]
+    if steps:
+        groups.append(
+            {
+                "params": steps,
+                "lr": lr if quantizer_lr is None else quantizer_lr,
+                "weight_decay": quantizer_weight_decay,
+            }
+        )
+    return groups
 
 
 def set_quantizers_trainable(model: nn.Module, trainable: bool = True) -> None:

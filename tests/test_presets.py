@@ -145,3 +145,32 @@ def test_binary_channel_on_a_fused_expert_weight_scales_each_expert_row(in_axis)
     q = stefx.make_quantizer(resolved.to_dict())
     expected = torch.sign(w) * w.abs().mean(dim=in_axis, keepdim=True)
     assert torch.allclose(q(w), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["w1a8", "w1a16"])
+def test_binary_weight_llm_presets(preset):
+    """Each row of a quantized weight is sign(W)·mean|W| of that row; w1a8 also has 8-bit
+    per-token inputs, w1a16 float ones."""
+    model, _ = build("llama")
+    q = stefx.quantize(model, preset, report=False)
+    lin = q.model.layers[0].self_attn.q_proj
+    w = lin.weight.detach()
+    expected = torch.sign(w) * w.abs().mean(dim=1, keepdim=True)
+    assert torch.allclose(lin.weight_quantizer(w), expected, atol=1e-7)
+    assert (getattr(lin, "input_quantizer", None) is not None) == (preset == "w1a8")
+    ids = torch.randint(3, 128, (2, 8))
+    loss = q(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert lin.weight.grad.abs().sum() > 0
+
+
+def test_param_groups_split_weights_and_quantizer_steps():
+    model, _ = build("llama")
+    q = stefx.quantize(model, "w4a8", report=False)
+    groups = stefx.train.param_groups(q, 1e-3, weight_decay=0.1, quantizer_lr=1e-4)
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert not ids[0] & ids[1]
+    assert ids[0] | ids[1] == {id(p) for p in q.parameters() if p.requires_grad}
+    assert ids[1] == {id(p) for _, p in stefx.train.quantizer_parameters(q)}
+    assert (groups[1]["lr"], groups[1]["weight_decay"]) == (1e-4, 0.0)
+    torch.optim.AdamW(groups).step()  # a valid optimizer spec
