@@ -475,7 +475,9 @@ def binarized_nonnegative_inputs(plan: Plan) -> list[tuple[str, str]]:
     binary = {
         s.name
         for s in plan.sites
-        if s.input_activations is not None and s.input_activations.type == "binary"
+        if s.input_activations is not None
+        and s.input_activations.type == "binary"
+        and s.input_activations.options.get("threshold") != "learned"  # RSign centres it
     }
     by_op = {id(c.op): c.name for c in plan.candidates if c.op is not None and c.name in binary}
     found = []

@@ -17,6 +17,13 @@ Forward, per scale group (see :mod:`stefx.ste.granularity`)::
   XNOR-Net prints the second term as G_i / n (its diagonal j = i only); stefx keeps the
   exact derivative of α · sign(x), which is what the paper's formula abbreviates.
 
+``threshold: learned`` (ReActNet's RSign, Liu et al., arXiv:2003.03488) binarizes
+``x - τ`` with a learned threshold τ per channel (axis 1 of an (N, C, ...) input of 4 or
+more dimensions, a convolution's; the last axis otherwise), initialised from the first
+batch as the per-channel mean. Autograd gives dL/dτ = -Σ g'(x - τ)·G. This is what lets
+a binarizer that sits after a ReLU learn: sign of a non-negative x is a constant +1, sign
+of ``x - τ`` is not. ``threshold: none`` (default) is plain sign.
+
 Backward of sign (``estimator``; g' replaces d sign/dx, which is 0 almost everywhere):
 
 ==============  ==============================================  ===========================
@@ -270,7 +277,7 @@ class BinaryQuantizer(Quantizer):
     scales = ("none", "absmean")
     estimators = ("clipped", *(n for n in SIGN_ESTIMATORS.names() if n != "clipped"))
     mixes_strength = True
-    options = MappingProxyType({"beta": 5.0, "t_min": 0.1, "t_max": 10.0})
+    options = MappingProxyType({"beta": 5.0, "t_min": 0.1, "t_max": 10.0, "threshold": "none"})
 
     @classmethod
     def check_options(cls, options, where):
@@ -281,12 +288,18 @@ class BinaryQuantizer(Quantizer):
             raise _bad_option(where, "t_min", t_min, "expected a finite number > 0")
         if not t_min <= t_max < math.inf:
             raise _bad_option(where, "t_max", t_max, f"expected a finite number >= t_min={t_min}")
+        if options["threshold"] not in ("none", "learned"):
+            raise _bad_option(
+                where, "threshold", options["threshold"], "choose one of ['none', 'learned']"
+            )
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
         # β, t, k as a tensor the op reads: a changing EDE t does not recompile a graph
         self.register_buffer("_estimator_params", torch.zeros(3), persistent=False)
         self.progress = 0.0
+        if self.spec.options["threshold"] == "learned":  # RSign: per-channel τ, lazily
+            self.threshold = nn.Parameter(torch.empty(0))
 
     @property
     def progress(self) -> float:
@@ -308,7 +321,47 @@ class BinaryQuantizer(Quantizer):
                 params.copy_(torch.tensor(list(self.estimator_params().values())))
 
     def sharing_key(self) -> tuple | None:
+        if self._learns_threshold:
+            return None
         return self._stateless_key(tuple(self.estimator_params().values()))
+
+    @property
+    def _learns_threshold(self) -> bool:
+        return self.spec.options["threshold"] == "learned"
+
+    @staticmethod
+    def _channel_axis(x: torch.Tensor) -> int:
+        return 1 if x.dim() >= 4 else x.dim() - 1
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """``threshold: learned``: τ = the per-channel mean of ``x`` (finite values)."""
+        if not self._learns_threshold or x.is_meta or x.numel() == 0:
+            return
+        axis = self._channel_axis(x)
+        rows = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1).float()
+        finite = rows.isfinite()
+        mean = torch.where(finite, rows, 0.0).sum(1) / finite.sum(1).clamp_min(1)
+        self.threshold.data = mean.to(self.threshold.dtype)
+
+    def _shifted(self, x: torch.Tensor) -> torch.Tensor:
+        if self.threshold.numel() == 0:
+            self.lazy_init(x)
+        axis = self._channel_axis(x)
+        if self.threshold.numel() != x.shape[axis]:
+            raise RuntimeError(
+                f"binary: the learned threshold has {self.threshold.numel()} channels but "
+                f"the input {tuple(x.shape)} has {x.shape[axis]} on axis {axis}; one "
+                "quantizer per tensor"
+            )
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return x - self.threshold.view(shape).to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._learns_threshold:
+            self._shape_empty_parameter("threshold", state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def estimator_params(self) -> dict[str, float]:
         """The numbers the estimator reads: ``beta``, and EDE's ``t`` and ``k`` now."""
@@ -318,8 +371,9 @@ class BinaryQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
+        shifted = self._learns_threshold and x.numel() > 0
         y, _ = binarize(
-            x,
+            self._shifted(x) if shifted else x,
             s.scale,
             s.estimator,
             self._estimator_params,
@@ -327,8 +381,10 @@ class BinaryQuantizer(Quantizer):
             s.axis,
             # a weight stays alive anyway: the backward re-reads it instead of a mask
             not isinstance(x, nn.Parameter),
-            self.strength_arg(),
+            None if shifted else self.strength_arg(),
         )
+        if shifted and not self._full:  # λ mixes with the input itself, not with x - τ
+            y = x + self._strength_t.to(y.dtype) * (y - x)
         return y
 
     def extra_repr(self) -> str:
