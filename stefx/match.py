@@ -378,7 +378,7 @@ def match(recipe: Recipe, capture: Capture, model: nn.Module) -> Plan:
         if all(v is None for v in specs.values()):
             continue
         sites.append(_site(cand, entry, specs, modules))
-    return Plan(recipe, sites, cands, unmatched, capture)
+    return resolve_thresholds(Plan(recipe, sites, cands, unmatched, capture))
 
 
 def _site(cand: Candidate, entry: dict, specs: dict, modules: dict) -> Site:
@@ -466,19 +466,45 @@ def _nonnegative(node, depth: int = 0) -> str | None:
     return None
 
 
+def _binary_input(spec: QuantSpec | None, *thresholds: str) -> bool:
+    return (
+        spec is not None and spec.type == "binary" and spec.options.get("threshold") in thresholds
+    )
+
+
+def resolve_thresholds(plan: Plan) -> Plan:
+    """``threshold: auto`` on a binary input quantizer becomes ``learned`` (RSign) where the
+    input is never negative (after a ReLU...) and ``none`` elsewhere: a centred input keeps
+    plain sign, and identical quantizers (an attention block's q/k/v) keep sharing one
+    binarized input."""
+    if not any(_binary_input(s.input_activations, "auto") for s in plan.sites):
+        return plan
+    needs = {name for name, _ in _nonnegative_inputs(plan, ("auto",))}
+    sites = [
+        dataclasses.replace(
+            s,
+            input_activations=s.input_activations.replace(
+                threshold="learned" if s.name in needs else "none"
+            ),
+        )
+        if _binary_input(s.input_activations, "auto")
+        else s
+        for s in plan.sites
+    ]
+    return dataclasses.replace(plan, sites=sites)
+
+
 def binarized_nonnegative_inputs(plan: Plan) -> list[tuple[str, str]]:
     """``(site, producer)`` for each site whose input a binary quantizer would see only as
-    values >= 0 (it follows a ReLU, a sigmoid...): ``sign`` of it is a constant, so the
-    layer cannot learn. Needs the analysis graph (``plan.capture``)."""
+    values >= 0 (it follows a ReLU, a sigmoid...): plain ``sign`` of it is a constant, so
+    the layer cannot learn. Needs the analysis graph (``plan.capture``)."""
+    return _nonnegative_inputs(plan, ("none",))
+
+
+def _nonnegative_inputs(plan: Plan, thresholds: tuple[str, ...]) -> list[tuple[str, str]]:
     if plan.capture is None:
         return []
-    binary = {
-        s.name
-        for s in plan.sites
-        if s.input_activations is not None
-        and s.input_activations.type == "binary"
-        and s.input_activations.options.get("threshold") != "learned"  # RSign centres it
-    }
+    binary = {s.name for s in plan.sites if _binary_input(s.input_activations, *thresholds)}
     by_op = {id(c.op): c.name for c in plan.candidates if c.op is not None and c.name in binary}
     found = []
     for node in plan.capture.graph.nodes:

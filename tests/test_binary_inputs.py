@@ -101,7 +101,22 @@ def test_no_warning_for_centred_inputs_or_other_quantizers():
     assert not _warnings(net, recipe, (torch.randn(1, 3, 8, 8),))  # BN output: centred
 
 
-def test_no_warning_on_an_llm():
+def test_no_warning_on_an_llm_and_its_centred_inputs_keep_plain_sign():
     pytest.importorskip("transformers")
     model, _ = build("llama")
     assert not _warnings(model, "bnn")  # SiLU(gate) * up and attention outputs: signed
+    thresholds = {
+        m.input_quantizer.spec.options["threshold"]
+        for m in model.modules()
+        if getattr(m, "input_quantizer", None) is not None
+    }
+    assert thresholds == {"none"}  # threshold: auto resolved; q/k/v still share one sign(x)
+
+
+def test_auto_resolves_per_site():
+    model, inputs = build("residual_cnn")
+    stefx.quantize(model, "bireal", inputs, report=False)
+    assert model.conv1.input_quantizer.spec.options["threshold"] == "learned"  # after ReLU
+    plan = model._stefx_plan
+    assert not [s for s in plan.sites if s.input_activations is not None
+                and s.input_activations.options.get("threshold") == "auto"]  # fmt: skip

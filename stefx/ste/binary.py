@@ -22,7 +22,10 @@ Forward, per scale group (see :mod:`stefx.ste.granularity`)::
 more dimensions, a convolution's; the last axis otherwise), initialised from the first
 batch as the per-channel mean. Autograd gives dL/dτ = -Σ g'(x - τ)·G. This is what lets
 a binarizer that sits after a ReLU learn: sign of a non-negative x is a constant +1, sign
-of ``x - τ`` is not. ``threshold: none`` (default) is plain sign.
+of ``x - τ`` is not. ``threshold: none`` (default) is plain sign. ``threshold: auto`` (the
+binary presets): ``stefx.quantize`` makes it ``learned`` where the input is never negative
+(it follows a ReLU, a sigmoid...) and ``none`` elsewhere; a quantizer built by hand with
+``auto`` is plain sign.
 
 Backward of sign (``estimator``; g' replaces d sign/dx, which is 0 almost everywhere):
 
@@ -288,9 +291,12 @@ class BinaryQuantizer(Quantizer):
             raise _bad_option(where, "t_min", t_min, "expected a finite number > 0")
         if not t_min <= t_max < math.inf:
             raise _bad_option(where, "t_max", t_max, f"expected a finite number >= t_min={t_min}")
-        if options["threshold"] not in ("none", "learned"):
+        if options["threshold"] not in ("none", "learned", "auto"):
             raise _bad_option(
-                where, "threshold", options["threshold"], "choose one of ['none', 'learned']"
+                where,
+                "threshold",
+                options["threshold"],
+                "choose one of ['none', 'learned', 'auto']",
             )
 
     def __init__(self, spec) -> None:
