@@ -453,3 +453,38 @@ def test_meta_device(type_):
     q(torch.ones(3, 5))
     assert q.initialized and q.scale.shape == (3,)
     assert q(torch.empty(3, 5, device="meta")).is_meta  # real params, meta input
+
+
+# -- initialisation options ------------------------------------------------------------------
+
+
+def test_init_absmax_is_the_plain_absmax_step():
+    w = torch.randn(16, 64)
+    q = LSQQuantizer({"num_bits": 4, "strategy": "channel", "init": "absmax"})
+    q.init_from(w)
+    assert torch.allclose(q.scale, w.abs().amax(1) / 7)
+
+
+def test_init_mse_is_no_worse_than_absmax_and_picks_the_best_grid_point():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    errors = {}
+    for init in ("absmax", "mse", "paper"):
+        q = LSQQuantizer({"num_bits": 4, "strategy": "channel", "init": init})
+        errors[init] = (q(w) - w).detach().square().sum(1)
+    assert torch.all(errors["mse"] <= errors["absmax"] + 1e-6)
+    assert errors["mse"].sum() < 0.9 * errors["absmax"].sum() < errors["paper"].sum()
+    # brute force over the same grid for one row
+    row, top = w[0], w[0].abs().max()
+    best = min(
+        ((torch.clamp(torch.round(row / s), -8, 7) * s - row).square().sum().item(), s.item())
+        for s in (top * i / 20 / 7 for i in range(1, 21))
+    )
+    q = LSQQuantizer({"num_bits": 4, "strategy": "channel", "init": "mse"})
+    q.init_from(w)
+    assert q.scale[0].item() == pytest.approx(best[1], rel=1e-6)
+
+
+def test_init_option_is_checked():
+    with pytest.raises(RecipeError, match="init='median'"):
+        LSQQuantizer({"num_bits": 4, "init": "median"})

@@ -22,8 +22,13 @@ N is the number of elements sharing one step *in the tensor this call sees*:
 layer); for activations we count what arrives, so N includes the batch (and sequence)
 dimensions, as most public re-implementations do. ``grad_scale: false`` sets g = 1.
 
-Initialisation, lazily from the first tensor seen (or an explicit :meth:`init_from`):
-s = 2 · mean|v| / sqrt(Qp) per group, the mean over finite values only.
+Initialisation, lazily from the first tensor seen (or an explicit :meth:`init_from`),
+per group, over finite values only (option ``init``):
+
+- ``paper`` (default): s = 2 · mean|v| / sqrt(Qp);
+- ``absmax``: s = max|v| / Qp, the plain absmax quantizer's step;
+- ``mse``: s = c · max|v| / Qp with c in {0.05, 0.10, ..., 1} minimising the squared
+  quantization error of the group: a good PTQ point to start QAT from.
 
 **LSQ+** (Bhalgat et al. 2020, arXiv:2004.09576) adds a learned offset β per group::
 
@@ -292,12 +297,45 @@ class _LearnedStepQuantizer(Quantizer):
 class LSQQuantizer(_LearnedStepQuantizer):
     """Learned step size quantization (arXiv:1902.08153); see the module docstring."""
 
-    options = MappingProxyType({"grad_scale": True})
+    options = MappingProxyType({"grad_scale": True, "init": "paper"})
+    inits = ("paper", "absmax", "mse")
+
+    @classmethod
+    def check_options(cls, options, where):
+        if options["init"] not in cls.inits:
+            raise RecipeError(
+                f"{where}: init={options['init']!r} is invalid; choose one of {list(cls.inits)}"
+            )
 
     def _initial_values(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         finite, count = _finite_rows(rows)
-        mean_abs = torch.where(finite, rows.abs(), 0.0).sum(1) / count
-        return {"scale": _positive_or_one(2.0 * mean_abs / math.sqrt(self.qmax))}
+        init = self.spec.options["init"]
+        if init == "paper":
+            mean_abs = torch.where(finite, rows.abs(), 0.0).sum(1) / count
+            return {"scale": _positive_or_one(2.0 * mean_abs / math.sqrt(self.qmax))}
+        top = torch.where(finite, rows.abs(), 0.0).amax(1)
+        if init == "absmax":
+            return {"scale": _positive_or_one(top / self.qmax)}
+        return {"scale": _positive_or_one(_mse_step(rows, finite, top, self.qmin, self.qmax))}
+
+
+MSE_GRID = 20  # clipping ratios tried by init: mse, from 1/MSE_GRID to 1 of max|v|
+
+
+def _mse_step(rows, finite, top, qmin: int, qmax: int) -> torch.Tensor:
+    """Per row, the step c·max|v|/Qp (c on a grid in (0, 1]) whose quantization of the row
+    has the least squared error: clipping a few outliers buys finer steps for the rest,
+    the usual PTQ starting point (e.g. Banner et al., arXiv:1810.05723)."""
+    values = torch.where(finite, rows, 0.0)
+    best_err = torch.full_like(top, float("inf"))
+    best = top / qmax
+    for i in range(1, MSE_GRID + 1):
+        step = (top * (i / MSE_GRID) / qmax).clamp_min(_EPS).unsqueeze(1)
+        err = ((values / step).round().clamp(qmin, qmax) * step - values).square().sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, step.squeeze(1), best)
+    return best
 
 
 @register_quantizer("lsq+")
