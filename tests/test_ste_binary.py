@@ -381,3 +381,19 @@ def test_nan_and_inf_do_not_raise(w, spec):
     y = make(**spec)(x)
     y.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("scale", ["none", "absmean"])
+def test_ste_estimator_passes_the_gradient_through_the_whole_quantizer(scale):
+    """BitNet's w + (q(w) - w).detach(): the forward is α·sign(w), the backward dL/dw = G,
+    with no α term and no clipping."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 6) * 3).requires_grad_(True)
+    spec = {"type": "binary", "scale": scale, "strategy": "channel", "estimator": "ste"}
+    q = stefx.make_quantizer(spec)
+    y = q(x)
+    alpha = x.detach().abs().mean(1, keepdim=True) if scale == "absmean" else 1.0
+    assert torch.allclose(y, torch.where(x >= 0, 1.0, -1.0) * alpha)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g)

@@ -34,6 +34,7 @@ name            g'(x)                                           paper
 ==============  ==============================================  ===========================
 ``clipped``     1{|x| <= 1}                          (default)  BNN, arXiv:1602.02830
 ``identity``    1                                               STE, arXiv:1308.3432
+``ste``         dL/dx = dL/dy for the whole α·sign(x), α too    BitNet, arXiv:2310.11453
 ``approx_sign`` (2 - 2|x|) · 1{|x| <= 1}                        Bi-Real Net, arXiv:1808.00278
 ``swish_sign``  β(2 - βx·tanh(βx/2)) / (1 + cosh(βx))           BNN+, arXiv:1812.11800
 ``ede``         k · t · (1 - tanh²(t·x))                        IR-Net, arXiv:1909.10788
@@ -112,6 +113,7 @@ class SignEstimator:
 
     derivative: Derivative | None
     indicator: bool = False
+    through_scale: bool = False  # the whole α·sign(x) passes the gradient unchanged
 
 
 SIGN_ESTIMATORS: Registry[SignEstimator] = Registry(
@@ -137,6 +139,7 @@ def _clipped(x: torch.Tensor, p: Mapping[str, float]) -> torch.Tensor:
 
 SIGN_ESTIMATORS.add("clipped", SignEstimator(_clipped, indicator=True))
 SIGN_ESTIMATORS.add("identity", SignEstimator(None))
+SIGN_ESTIMATORS.add("ste", SignEstimator(None, through_scale=True))
 SIGN_ESTIMATORS.add("approx_sign", SignEstimator(lambda x, p: (2.0 - 2.0 * x.abs()).clamp(min=0.0)))
 SIGN_ESTIMATORS.add("swish_sign", SignEstimator(_swish_sign))
 SIGN_ESTIMATORS.add("ede", SignEstimator(_ede))
@@ -195,6 +198,8 @@ def _binarize_setup(ctx, inputs, output):
     mask = output[1]
     if mask.numel():
         saved = mask
+    elif est.through_scale:
+        saved = None
     elif scale != "none" or est.derivative is not None:
         saved = x
     else:
@@ -212,6 +217,8 @@ def _binarize_backward(ctx, grad, _grad_mask):
     est, scale, strategy, axis = ctx.consts
     params = _estimator_params(params) if params is not None else {}
     g = ops.scaled(grad, strength)
+    if est.through_scale:  # dL/dx = dL/dy: the quantizer is the identity in backward
+        return (ops.mix_input_grad(grad, g, strength), *(None,) * 7)
     if scale == "none":
         if est.derivative is not None:
             g = _times_derivative(g, est, saved, params)
