@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stefx-installed
 TORCH   := torch==2.13.0
 
-.PHONY: demo test test-slow lint format bench bench-runtime clean
+.PHONY: demo test test-slow lint format bench bench-runtime bench-quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,12 @@ bench-runtime: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python benchmarks/bench_runtime.py --sizes 3m --repeats 9 --compile --memory
 	$(BIN)/python benchmarks/bench_runtime.py --sizes 30m --repeats 7 --compile --memory
+
+# QAT quality of the presets: digits CNN (~1.5 min) and a byte-level LM (~15 min a seed).
+bench-quality: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python benchmarks/bench_quality_digits.py
+	$(BIN)/python benchmarks/bench_quality_lm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
