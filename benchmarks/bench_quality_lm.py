@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stefx
-from stefx.demo import corpus
+from stefx.demo import corpus, held_out_loss
 
 PRESETS = [
     "w8a8",
@@ -141,19 +141,6 @@ def batches(data: torch.Tensor, steps: int, seq: int, seed: int, batch: int = 16
         yield torch.stack([data[s : s + seq] for s in starts])
 
 
-@torch.no_grad()
-def loss_on(model: nn.Module, data: torch.Tensor, seq: int, limit: int | None = None) -> float:
-    model.eval()
-    n = (data.numel() // seq) * seq
-    windows = data[:n].view(-1, seq)[:limit]
-    total = 0.0
-    for i in range(0, len(windows), 32):
-        x = windows[i : i + 32]
-        total += model(input_ids=x, labels=x).loss.item() * len(x)
-    model.train()
-    return total / len(windows)
-
-
 def train(model, data, steps, lr, seq, seed, log=None, val=None):
     opt = torch.optim.AdamW(stefx.train.param_groups(model, lr), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -170,7 +157,7 @@ def train(model, data, steps, lr, seq, seed, log=None, val=None):
         opt.step()
         sched.step()
         if log and (step + 1) % log == 0:
-            held_out = loss_on(model, val, seq, 64)
+            held_out = held_out_loss(model, val, seq, 64)
             print(f"  float step {step + 1}: train {loss.item():.3f}, val {held_out:.3f}")
     return model
 
@@ -184,7 +171,7 @@ def run(args) -> dict[str, dict[str, list[float]]]:
 
     def record(name, key, model):
         rows.setdefault(name, {"PTQ": [], "QAT": []})[key].append(
-            math.exp(loss_on(model, val, seq))
+            math.exp(held_out_loss(model, val, seq))
         )
 
     for seed in range(args.seeds):

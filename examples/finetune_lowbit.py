@@ -31,7 +31,7 @@ import torch
 import transformers
 
 import stefx
-from stefx.demo import corpus
+from stefx.demo import corpus, held_out_loss
 from stefx.trainer import DistillationTrainer, StrengthRamp
 
 
@@ -51,19 +51,9 @@ class Windows(torch.utils.data.Dataset):
         return {"input_ids": x, "labels": x}
 
 
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, data: torch.Tensor, seq: int, batch: int = 16) -> float:
+def perplexity(model: torch.nn.Module, data: torch.Tensor, seq: int) -> float:
     """exp(mean next-byte loss) over consecutive held-out windows."""
-    model.eval()
-    n = (data.numel() // seq) * seq
-    windows = data[:n].view(-1, seq)
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        x = windows[i : i + batch]
-        total += model(input_ids=x, labels=x).loss.item() * len(x)
-        count += len(x)
-    model.train()
-    return math.exp(total / count)
+    return math.exp(held_out_loss(model, data, seq, batch=16))
 
 
 def fit(model, train, steps, lr, out, teacher=None, warmup=0, batch=16):

@@ -150,7 +150,7 @@ def dequantize(model: nn.Module) -> nn.Module:
 
 
 def _warn_constant_binarizers(plan: Plan) -> None:
-    from stefx.match import binarized_nonnegative_inputs
+    from stefx.binary_inputs import binarized_nonnegative_inputs
 
     found = binarized_nonnegative_inputs(plan)
     if not found:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-__all__ = ["corpus", "run_demo"]
+__all__ = ["corpus", "held_out_loss", "run_demo"]
 
 
 def corpus() -> torch.Tensor:
@@ -23,6 +23,23 @@ def corpus() -> torch.Tensor:
 
     text = "\n".join(topics[k] for k in sorted(topics))
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+@torch.no_grad()
+def held_out_loss(
+    model, data: torch.Tensor, seq: int, limit: int | None = None, batch: int = 32
+) -> float:
+    """Mean next-byte loss of ``model`` over consecutive ``seq``-byte windows of ``data``
+    (the first ``limit`` windows, or all), in eval mode; the model is left in train mode."""
+    model.eval()
+    n = (data.numel() // seq) * seq
+    windows = data[:n].view(-1, seq)[:limit]
+    total = 0.0
+    for i in range(0, len(windows), batch):
+        x = windows[i : i + batch]
+        total += model(input_ids=x, labels=x).loss.item() * len(x)
+    model.train()
+    return total / len(windows)
 
 
 def _batches(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator):

@@ -175,10 +175,10 @@ def check_config(model: nn.Module) -> None:
 
 def attach_config(model: nn.Module) -> None:
     """Record ``model``'s stefx plan as its ``config.quantization_config``."""
-    from stefx.api import PLAN_ATTR
+    from stefx.api import plan_of
     from stefx.saving import plan_to_dict
 
-    model.config.quantization_config = StefxConfig(plan=plan_to_dict(model.__dict__[PLAN_ATTR]))
+    model.config.quantization_config = StefxConfig(plan=plan_to_dict(plan_of(model)))
 
 
 def detach_config(model: nn.Module) -> None:

@@ -122,6 +122,7 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
 def save(model: nn.Module, path: str | Path) -> None:
     """Write ``model`` (quantized by :func:`stefx.quantize`) to ``path``, a safetensors file.
     A PEFT model is saved as its base model, adapters included."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from stefx.api import target_of
@@ -139,7 +140,10 @@ def save(model: nn.Module, path: str | Path) -> None:
         "aliases": aliases,
         "sha256": _digest(tensors),
     }
-    save_file(tensors, str(path), metadata={_KEY: json.dumps(header)})
+    try:
+        save_file(tensors, str(path), metadata={_KEY: json.dumps(header)})
+    except (OSError, SafetensorError) as e:
+        raise StefxError(f"stefx.save: cannot write {str(path)!r}: {e}") from None
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
@@ -247,6 +251,11 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     from stefx.rewrite import apply_plan, dequantize, quantized_modules
     from stefx.surgery import to_graph_module
 
+    if model is not None and not isinstance(model, nn.Module):
+        raise StefxError(
+            f"stefx.load: model={type(model).__name__} is not a torch.nn.Module; pass a float "
+            "model of the saved architecture, or None to rebuild a Hugging Face model"
+        )
     header, tensors = _read(path)
     info = {"class": "model", **(header.get("model") or {})}
     try:

@@ -83,9 +83,10 @@ def param_groups(
     >>> [len(g["params"]) for g in param_groups(q, 1e-3, quantizer_lr=1e-4)]
     [2, 1]
     """
-    quant = {id(p) for _, p in quantizer_parameters(model)}
+    learned = [p for _, p in quantizer_parameters(model)]
+    quant = {id(p) for p in learned}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in quant]
-    steps = [p for _, p in quantizer_parameters(model) if p.requires_grad]
+    steps = [p for p in learned if p.requires_grad]
     groups = [{"params": others, "lr": lr, "weight_decay": weight_decay}]
     if steps:
         groups.append(

@@ -259,3 +259,12 @@ def test_a_shape_that_differs_outside_the_sites_changes_nothing(saved):
         stefx.load(saved, other)
     assert not quantized_modules(other)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_bad_arguments_are_named(saved, tmp_path):
+    with pytest.raises(StefxError, match=r"model=str is not a torch\.nn\.Module"):
+        stefx.load(saved, "llama")
+    model, _ = build("llama")
+    q = stefx.quantize(model, "w4a8", report=False)
+    with pytest.raises(StefxError, match="cannot write"):
+        stefx.save(q, tmp_path / "no" / "such" / "dir" / "q.safetensors")

@@ -66,6 +66,16 @@ class Granularity:
             return 0
         return (numel // size) * -(-size // self.group_size)
 
+    def rows_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+        """The shape of :meth:`rows` for an input of ``shape`` (padding included)."""
+        groups = self.num_groups(shape)
+        if self.pad(shape):
+            return groups, self.group_size
+        numel = 1
+        for s in shape:
+            numel *= s
+        return groups, (numel // groups if groups else 0)
+
     def pad(self, shape: torch.Size | tuple[int, ...]) -> int:
         """Zeros appended to each line along the group axis (0 unless groups are ragged)."""
         if self.strategy != "group" or len(shape) == 0 or not self.group_size:

@@ -200,6 +200,14 @@ class _LearnedStepQuantizer(Quantizer):
     allows_asymmetric = True
     has_offset: ClassVar[bool] = False
     mixes_strength = True
+    inits: ClassVar[tuple[str, ...]] = ()  # the values option ``init`` takes
+
+    @classmethod
+    def check_options(cls, options, where):
+        if options["init"] not in cls.inits:
+            raise RecipeError(
+                f"{where}: init={options['init']!r} is invalid; choose one of {list(cls.inits)}"
+            )
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
@@ -300,13 +308,6 @@ class LSQQuantizer(_LearnedStepQuantizer):
     options = MappingProxyType({"grad_scale": True, "init": "paper"})
     inits = ("paper", "absmax", "mse")
 
-    @classmethod
-    def check_options(cls, options, where):
-        if options["init"] not in cls.inits:
-            raise RecipeError(
-                f"{where}: init={options['init']!r} is invalid; choose one of {list(cls.inits)}"
-            )
-
     def _initial_values(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         finite, count = _finite_rows(rows)
         init = self.spec.options["init"]
@@ -345,13 +346,6 @@ class LSQPlusQuantizer(_LearnedStepQuantizer):
     options = MappingProxyType({"grad_scale": True, "init": "minmax"})
     has_offset = True
     inits = ("minmax", "meanstd")
-
-    @classmethod
-    def check_options(cls, options, where):
-        if options["init"] not in cls.inits:
-            raise RecipeError(
-                f"{where}: init={options['init']!r} is invalid; choose one of {list(cls.inits)}"
-            )
 
     def _initial_values(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         finite, count = _finite_rows(rows)

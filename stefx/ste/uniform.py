@@ -85,9 +85,7 @@ def _fake(x, scale, zero_point, num_bits, symmetric, strategy, axis, group_size,
     y = ops.fake_rows_output(x)
     if not _needs_mask(scale is not None, symmetric, clip) or x.numel() == 0:
         return y, x.new_empty(0, dtype=torch.bool)
-    groups = g.num_groups(x.shape)
-    per = (x.numel() // groups if groups else 0) if not g.pad(x.shape) else g.group_size
-    return y, x.new_empty((groups, per), dtype=torch.bool)
+    return y, x.new_empty(g.rows_shape(x.shape), dtype=torch.bool)
 
 
 def _setup(ctx, inputs, output):
