@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -16,6 +19,24 @@ import stefx
 from tests.zoo import build
 
 pytest.importorskip("transformers")
+
+
+def _loopback_tcp_works() -> bool:
+    """gloo needs TCP on 127.0.0.1; a sandbox with its loopback down has none."""
+    try:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            with socket.create_connection(server.getsockname(), timeout=5):
+                return True
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(
+    not _loopback_tcp_works(), reason="no TCP on 127.0.0.1: gloo cannot connect two processes"
+)
+WORKER_DEADLINE_S = 300  # a rank that cannot reach the other fails the test, never stalls it
 
 STEPS = 10
 BATCH = 8  # global; each of the 2 ranks takes half
@@ -46,9 +67,12 @@ def _single(preset):
 
 
 def _worker(rank, world, port, preset, mode, out):
+    # gloo's own sockets on loopback too, not on whatever address the hostname resolves to
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if sys.platform == "linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         model = _model(preset)
         if mode == "ddp":
@@ -105,7 +129,15 @@ GROUPED = {  # per-group LSQ steps: one per 16 inputs, more steps than rows to s
 )
 def test_two_processes_match_one(tmp_path, mode, preset):
     out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(2, _free_port(), preset, mode, str(out)), nprocs=2, join=True)
+    ranks = mp.start_processes(
+        _worker, args=(2, _free_port(), preset, mode, str(out)), nprocs=2, join=False
+    )
+    deadline = time.monotonic() + WORKER_DEADLINE_S
+    while not ranks.join(timeout=5):  # re-raises a rank's exception
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the two ranks did not finish within {WORKER_DEADLINE_S} s")
     got = torch.load(out)
     want, model = _single(preset)
     # w4a8: per-channel LSQ weight steps, per-token activations: no statistic spans the
