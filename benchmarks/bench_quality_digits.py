@@ -3,7 +3,8 @@
 A small conv-bn-relu CNN (3 convolutions, 32-64-64 channels, max-pool, global average
 pool, a Linear classifier) is trained in float (40 epochs, Adam 1e-3, batch 64) on 80% of
 the 1,797 digits (stratified split, seed 0), then for each preset: accuracy on the other
-20% after quantizing (PTQ) and after 15 more epochs of QAT (Adam 1e-3 cosine), next to the
+20% after quantizing (PTQ) and after 15 more epochs of QAT (Adam 1e-3 cosine, with the
+preset's learning-rate scales through ``stefx.train.param_groups``), next to the
 float model given the same 15 epochs. Each preset's own rules decide which layers stay
 float (first/last layers, as their papers). Mean ± std over ``--seeds`` seeds (the seed
 sets the model's initialisation and the batch order).
@@ -58,7 +59,7 @@ class CNN(nn.Module):
 
 def fit(model, data, epochs, lr, seed):
     x, y = data
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(stefx.train.param_groups(model, lr))  # a preset's own lr scales
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * (len(x) // 64 + 1))
     g = torch.Generator().manual_seed(seed)
     model.train()

@@ -3,8 +3,10 @@
 A small Llama (``LlamaConfig``: hidden 128, 4 layers, MLP 352 wide, byte vocabulary) is
 trained in float on 90% of the bytes of Python's documentation (``pydoc_data.topics``,
 about 466 kB) with AdamW and a cosine schedule; the held-out 10% is the validation split.
-The float run prints its validation loss at intervals, so one can see it has flattened
-(and that train and validation loss stay close: no overfitting). Then, from that model:
+The float run prints its validation loss at intervals and checks that it has flattened
+without overfitting: the last value is the lowest (within 0.5%) and the one before it
+within 1% (1,200 steps; 2,000 steps over-train: the validation loss bottomed out at step
+1,600 and rose). Then, from that model:
 
 - ``float +N``: N more float steps (the reference every QAT run is compared to);
 - each stefx preset: perplexity after quantizing (PTQ) and after N QAT steps;
@@ -13,20 +15,27 @@ The float run prints its validation loss at intervals, so one can see it has fla
 
 QAT: AdamW lr 3e-4, cosine, batch 16 x 128, the same batches for every variant. Per-byte
 perplexity on the held-out split; ``--seeds`` repeats everything (model init and batch
-order) for mean ± std.
+order) for mean ± std; ``--jobs`` runs seeds side by side (one process and one thread
+each); ``--plot`` draws perplexity against weight bits.
 
     python benchmarks/bench_quality_lm.py                     # ~10 min a seed on 2 cores
-    python benchmarks/bench_quality_lm.py --seeds 2 --presets w4a8,bitnet-b158
+    python benchmarks/bench_quality_lm.py --seeds 3 --jobs 3 --plot docs/img/quality_lm.png
+    python benchmarks/bench_quality_lm.py --seeds 1 --presets w4a8,bitnet-b158
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +55,11 @@ PRESETS = [
     "w1a8",
     "w1a16",
 ]
+WEIGHT_BITS = {  # for the plot: nominal bits per weight (scales not counted)
+    "w8a8": 8, "w4a8": 4, "w4a16-g128": 4, "w2a16-g64": 2, "paretoq-2bit": 2,
+    "bitnet-b158": 1.58, "ternary-twn": 1.58, "w1a8": 1, "w1a16": 1,
+    "plain-w4a8": 4, "plain-w2": 2, "plain-ternary-a8": 1.58, "plain-w1": 1,
+}  # fmt: skip
 
 
 # -- the plain STE floor --------------------------------------------------------------------
@@ -141,7 +155,7 @@ def batches(data: torch.Tensor, steps: int, seq: int, seed: int, batch: int = 16
         yield torch.stack([data[s : s + seq] for s in starts])
 
 
-def train(model, data, steps, lr, seq, seed, log=None, val=None):
+def train(model, data, steps, lr, seq, seed, log=None, val=None, curve=None):
     opt = torch.optim.AdamW(stefx.train.param_groups(model, lr), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -159,6 +173,8 @@ def train(model, data, steps, lr, seq, seed, log=None, val=None):
         if log and (step + 1) % log == 0:
             held_out = held_out_loss(model, val, seq, 64)
             print(f"  float step {step + 1}: train {loss.item():.3f}, val {held_out:.3f}")
+            if curve is not None:
+                curve.append(held_out)
     return model
 
 
@@ -174,10 +190,15 @@ def run(args) -> dict[str, dict[str, list[float]]]:
             math.exp(held_out_loss(model, val, seq))
         )
 
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         t0 = time.perf_counter()
+        curve: list[float] = []
         base = train(build(seed), train_data, args.float_steps, 3e-3, seq, seed,
-                     log=args.float_steps // 5, val=val)  # fmt: skip
+                     log=args.float_steps // 6, val=val, curve=curve)  # fmt: skip
+        flat = curve[-1] <= min(curve) * 1.005 and curve[-1] >= curve[-2] * 0.99
+        print(f"  float seed {seed}: validation loss {'has' if flat else 'has NOT'} flattened "
+              f"without rising (last {curve[-1]:.3f}, lowest {min(curve):.3f})")  # fmt: skip
+        rows.setdefault("_checks", {"flattened": []})["flattened"].append(float(flat))
         record("float", "PTQ", base)
         qat_seed = 1000 + seed
         record(
@@ -206,25 +227,94 @@ def _fmt(values):
     return f"{m:.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
 
+def _run_in_processes(args) -> dict[str, dict[str, list[float]]]:
+    """One child process per seed, ``args.jobs`` at a time, each one thread; rows merged."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pending = list(range(args.first_seed, args.first_seed + args.seeds))
+        running: list[tuple[subprocess.Popen, Path]] = []
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                seed = pending.pop(0)
+                out = Path(tmp) / f"seed{seed}.json"
+                cmd = [sys.executable, __file__, "--presets", args.presets, "--seeds", "1",
+                       "--first-seed", str(seed), "--float-steps", str(args.float_steps),
+                       "--qat-steps", str(args.qat_steps), "--threads", "1",
+                       "--json", str(out)]  # fmt: skip
+                running.append((subprocess.Popen(cmd), out))
+            time.sleep(2)
+            for proc, out in [r for r in running if r[0].poll() is not None]:
+                running.remove((proc, out))
+                if proc.returncode:
+                    raise SystemExit(f"seed run {out.stem} failed (exit {proc.returncode})")
+                for name, row in json.loads(out.read_text()).items():
+                    for key, values in row.items():
+                        rows.setdefault(name, {}).setdefault(key, []).extend(values)
+    return rows
+
+
+def plot(rows, path: str, qat_steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ref = rows["float"]["QAT"]
+    ax.axhline(statistics.fmean(ref), color="k", lw=1, label=f"float +{qat_steps} steps")
+    for plain_rows, marker, label in ((False, "o", "stefx preset"), (True, "x", "plain STE")):
+        xs, ys, es, names = [], [], [], []
+        for name, row in rows.items():
+            if name in WEIGHT_BITS and name.startswith("plain-") == plain_rows:
+                xs.append(WEIGHT_BITS[name])
+                ys.append(statistics.fmean(row["QAT"]))
+                es.append(statistics.stdev(row["QAT"]) if len(row["QAT"]) > 1 else 0.0)
+                names.append(name)
+        ax.errorbar(xs, ys, yerr=es, fmt=marker, capsize=3, label=label)
+        for x, y, n in zip(xs, ys, names, strict=True):
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 1.58, 2, 4, 8], ["1", "1.58", "2", "4", "8"])
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel(f"held-out per-byte perplexity after {qat_steps} QAT steps")
+    ax.set_title(f"byte-level Llama on pydoc_data.topics, {len(ref)} seed(s), mean ± std")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--float-steps", type=int, default=2000)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
+    parser.add_argument("--float-steps", type=int, default=1200)
     parser.add_argument("--qat-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the rows (every seed's values) here")
+    parser.add_argument("--plot", help="write perplexity vs weight bits here (PNG)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = run(args)
+    rows = _run_in_processes(args) if args.jobs > 1 else run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
+    checks = rows.pop("_checks", {}).get("flattened", [])
     ref = statistics.fmean(rows["float"]["QAT"])
     print(
-        f"\nheld-out per-byte perplexity, {args.seeds} seed(s); QAT budget {args.qat_steps} steps"
+        f"\nheld-out per-byte perplexity, {len(rows['float']['QAT'])} seed(s); QAT budget "
+        f"{args.qat_steps} steps; float flattened without rising in {int(sum(checks))} of "
+        f"{len(checks)} seeds"
     )
     print(f"| recipe | after PTQ | after QAT | QAT vs float +{args.qat_steps} |")
     print("|---|---|---|---|")
     for name, row in rows.items():
         gap = (statistics.fmean(row["QAT"]) / ref - 1) * 100
         print(f"| {name} | {_fmt(row['PTQ'])} | {_fmt(row['QAT'])} | {gap:+.1f}% |")
+    if args.plot:
+        plot(rows, args.plot, args.qat_steps)
     return rows
 
 

@@ -77,26 +77,49 @@ def param_groups(
     and no weight decay by default (decay pulls a learned step toward zero, i.e. toward
     fewer levels). ``torch.optim.AdamW(stefx.train.param_groups(model, 1e-4))``.
 
+    A recipe's quantizer spec can scale these: ``lr_scale`` multiplies the learning rate
+    of that quantizer's own state (an LSQ step, a SEQ α, a learned threshold), and
+    ``latent_lr_scale`` on a weight quantizer multiplies that of the float weight it
+    guards (binary latent weights must cross zero to flip a sign: BNN scales their rate
+    up). The first group is always the model's other parameters.
+
     >>> import torch, stefx
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8))
     >>> q = stefx.quantize(net, "w4a8", (torch.randn(2, 8),), report=False)
     >>> [len(g["params"]) for g in param_groups(q, 1e-3, quantizer_lr=1e-4)]
     [2, 1]
     """
-    learned = [p for _, p in quantizer_parameters(model)]
-    quant = {id(p) for p in learned}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in quant]
-    steps = [p for p in learned if p.requires_grad]
-    groups = [{"params": others, "lr": lr, "weight_decay": weight_decay}]
-    if steps:
-        groups.append(
-            {
-                "params": steps,
-                "lr": lr if quantizer_lr is None else quantizer_lr,
-                "weight_decay": quantizer_weight_decay,
-            }
-        )
-    return groups
+    from stefx.rewrite import STATE_ATTR, quantized_modules
+
+    base_q = lr if quantizer_lr is None else quantizer_lr
+    # (quantizer state?, lr, weight decay) -> parameters; the quantizers' state keeps a
+    # group of its own even at the model's rate, for a schedule to address it
+    groups: dict[tuple[bool, float, float], list[nn.Parameter]] = {(False, lr, weight_decay): []}
+    placed: set[int] = set()
+
+    def put(p: nn.Parameter, state: bool, group_lr: float, decay: float) -> None:
+        if p.requires_grad and id(p) not in placed:
+            placed.add(id(p))
+            groups.setdefault((state, group_lr, decay), []).append(p)
+
+    for quantizer in quantizers(model):
+        for p in quantizer.parameters(recurse=False):
+            put(p, True, base_q * (quantizer.spec.lr_scale or 1.0), quantizer_weight_decay)
+    for module in quantized_modules(model).values():  # latent weights with their own rate
+        state = module.__dict__[STATE_ATTR]
+        pairs = [*state.swaps.items()]
+        pairs += [pair for table in state.call_weights.values() for pair in table.items()]
+        for weight, qname in pairs:
+            scale = module._modules[qname].spec.latent_lr_scale
+            if scale is not None:
+                put(module.get_parameter(weight), False, lr * scale, weight_decay)
+    for p in model.parameters():
+        put(p, False, lr, weight_decay)
+    first = groups.pop((False, lr, weight_decay))
+    return [{"params": first, "lr": lr, "weight_decay": weight_decay}] + [
+        {"params": params, "lr": group_lr, "weight_decay": decay}
+        for (_, group_lr, decay), params in groups.items()
+    ]
 
 
 def set_quantizers_trainable(model: nn.Module, trainable: bool = True) -> None:

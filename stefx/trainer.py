@@ -1,5 +1,6 @@
-"""``transformers.Trainer`` helpers for low-bit QAT: :class:`StrengthRamp` (ramp the
-quantizers in) and :class:`DistillationTrainer` (learn from the float teacher). Plain-loop
+"""``transformers.Trainer`` helpers for low-bit QAT: :class:`QATTrainer` (the recipe's
+learning-rate scales in Trainer's optimizer), :class:`StrengthRamp` (ramp the quantizers
+in) and :class:`DistillationTrainer` (learn from the float teacher). Plain-loop
 equivalents are in :mod:`stefx.train`.
 """
 
@@ -13,7 +14,44 @@ from transformers import Trainer, TrainerCallback
 
 from stefx.errors import StefxError
 
-__all__ = ["DistillationTrainer", "StrengthRamp"]
+__all__ = ["DistillationTrainer", "QATTrainer", "StrengthRamp"]
+
+
+class QATTrainer(Trainer):
+    """``Trainer`` whose optimizer applies the recipe's learning-rate scales, as
+    :func:`stefx.train.param_groups` does in a plain loop: each quantizer's learned state
+    (LSQ steps, SEQ α, thresholds) at its ``lr_scale`` times the learning rate and without
+    weight decay, each latent weight at its ``latent_lr_scale`` times. What Trainer itself
+    decides is kept: the optimizer ``args.optim`` names, which parameters decay, the
+    schedule (it scales every group alike).
+    """
+
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh:
+            _scale_param_groups(optimizer, self.model if model is None else model)
+        return optimizer
+
+
+def _scale_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Split a fresh optimizer's groups by the recipe's learning-rate scales (in place)."""
+    from stefx.train import param_groups, quantizer_parameters
+
+    factor = {id(p): g["lr"] for g in param_groups(model, 1.0) for p in g["params"]}
+    state = {id(p) for _, p in quantizer_parameters(model)}
+    if all(f == 1.0 for f in factor.values()) and not state:
+        return
+    groups = []
+    for group in optimizer.param_groups:
+        split: dict[tuple[float, bool], list] = {}
+        for p in group["params"]:
+            split.setdefault((factor.get(id(p), 1.0), id(p) in state), []).append(p)
+        for (f, is_state), params in split.items():
+            groups.append({**group, "params": params, "lr": group["lr"] * f})
+            if is_state:
+                groups[-1]["weight_decay"] = 0.0
+    optimizer.param_groups[:] = groups
 
 
 class StrengthRamp(TrainerCallback):
@@ -49,8 +87,8 @@ class StrengthRamp(TrainerCallback):
             set_strength(model, 1.0)
 
 
-class DistillationTrainer(Trainer):
-    """``Trainer`` whose loss is ``alpha · KD + (1 - alpha) · CE``: KD the temperature-
+class DistillationTrainer(QATTrainer):
+    """:class:`QATTrainer` whose loss is ``alpha · KD + (1 - alpha) · CE``: KD the temperature-
     scaled KL of the student's next-token distribution from a frozen float ``teacher``
     (:func:`stefx.train.distillation_loss`, over the tokens the labels keep), plus
     ``hidden_weight`` times the hidden-state MSE; CE the model's own loss from ``labels``.

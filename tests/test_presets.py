@@ -174,3 +174,54 @@ def test_param_groups_split_weights_and_quantizer_steps():
     assert ids[1] == {id(p) for _, p in stefx.train.quantizer_parameters(q)}
     assert (groups[1]["lr"], groups[1]["weight_decay"]) == (1e-4, 0.0)
     torch.optim.AdamW(groups).step()  # a valid optimizer spec
+
+
+SCALED = {  # LSQ steps at a tenth of the rate, the latent weights of one layer at 10x
+    "name": "scaled",
+    "rules": [
+        {
+            "targets": ["linear"],
+            "ignore": ["lm_head"],
+            "weights": {"type": "lsq", "num_bits": 4, "strategy": "channel", "lr_scale": 0.1},
+        },
+        {
+            "targets": ["*layers.0.mlp.down_proj"],
+            "weights": {"type": "binary", "strategy": "channel", "latent_lr_scale": 10},
+        },
+    ],
+}
+
+
+def _lr_of(groups):
+    return {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+
+
+def test_param_groups_apply_the_recipes_lr_scales(tmp_path):
+    model, _ = build("llama")
+    q = stefx.quantize(model, SCALED, report=False)
+    groups = stefx.train.param_groups(q, 1e-3, weight_decay=0.1)
+    lr = _lr_of(groups)
+    # every trainable parameter in exactly one group
+    assert sum(len(g["params"]) for g in groups) == len(lr)
+    assert set(lr) == {id(p) for p in q.parameters() if p.requires_grad}
+    down = q.model.layers[0].mlp.down_proj
+    assert lr[id(down.weight)] == (pytest.approx(1e-2), 0.1)  # binary latent weight
+    steps = dict(stefx.train.quantizer_parameters(q))
+    assert steps and all(lr[id(p)] == (pytest.approx(1e-4), 0.0) for p in steps.values())
+    assert lr[id(q.model.layers[0].self_attn.q_proj.weight)] == (1e-3, 0.1)
+    assert lr[id(q.model.embed_tokens.weight)] == (1e-3, 0.1)
+    assert groups[0]["lr"] == 1e-3  # the model's own group comes first
+    # the scales are part of the plan: they survive stefx.save / stefx.load
+    stefx.save(q, tmp_path / "q.safetensors")
+    back = stefx.load(tmp_path / "q.safetensors", build("llama")[0])
+    lr_back = _lr_of(stefx.train.param_groups(back, 1e-3, weight_decay=0.1))
+    names = dict(q.named_parameters())
+    for name, p in back.named_parameters():
+        assert lr_back[id(p)] == lr[id(names[name])], name
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "fast", True])
+@pytest.mark.parametrize("key", ["lr_scale", "latent_lr_scale"])
+def test_lr_scales_must_be_positive_numbers(key, value):
+    with pytest.raises(stefx.RecipeError, match=rf"{key}.*multiplier > 0"):
+        stefx.make_quantizer({"type": "lsq", key: value})

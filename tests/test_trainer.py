@@ -210,3 +210,29 @@ def test_distillation_trainer_learns_from_a_frozen_teacher(tmp_path):
     assert all(p.requires_grad for p in teacher.parameters())  # left as the caller had it
     with pytest.raises(stefx.StefxError, match="alpha=2"):
         DistillationTrainer(model=model, teacher=teacher, alpha=2, args=args)
+
+
+def test_qat_trainer_applies_the_recipes_lr_scales(tmp_path):
+    from stefx.trainer import QATTrainer
+    from tests.test_presets import SCALED
+
+    model, _ = build("llama")
+    q = stefx.quantize(model, SCALED, report=False)
+    args = _args(tmp_path, steps=3, weight_decay=0.1, lr_scheduler_type="linear")
+    trainer = QATTrainer(model=q, args=args, train_dataset=_Tokens())
+    trainer.train()
+    opt = trainer.optimizer
+    # the schedule's starting rate of each group (LambdaLR keeps it as initial_lr)
+    lr = {
+        id(p): (g["initial_lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]
+    }
+    assert set(lr) == {id(p) for p in q.parameters() if p.requires_grad}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(lr)  # each once
+    assert lr[id(q.model.layers[0].self_attn.q_proj.weight)] == (5e-3, 0.1)  # Trainer: decays
+    assert lr[id(q.model.norm.weight)] == (5e-3, 0.0)  # Trainer's choice: a norm does not
+    assert lr[id(q.model.layers[0].mlp.down_proj.weight)] == (pytest.approx(5e-2), 0.1)
+    steps = [p for _, p in stefx.train.quantizer_parameters(q)]
+    assert steps and all(lr[id(p)] == (pytest.approx(5e-4), 0.0) for p in steps)
+    # a model whose recipe sets no scale keeps Trainer's groups as they are
+    plain = QATTrainer(model=_model("w8a8"), args=args, train_dataset=_Tokens())
+    assert len(plain.create_optimizer().param_groups) == 2

@@ -42,6 +42,8 @@ COMMON_KEYS = (
     "estimator",
     "enabled",
     "strength",
+    "lr_scale",
+    "latent_lr_scale",
 )
 
 
@@ -107,6 +109,10 @@ class QuantSpec:
     estimator: str = ""
     enabled: bool = True
     strength: float = 1.0
+    # learning-rate multipliers that stefx.train.param_groups applies (None: 1): to this
+    # quantizer's own learned state, and to the float ("latent") weight it guards
+    lr_scale: float | None = None
+    latent_lr_scale: float | None = None
     options: Options = field(default_factory=Options)
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,6 +225,14 @@ def parse_spec(spec: Mapping[str, Any] | QuantSpec, where: str = "quantizer spec
         raise _fail(where, "strength", strength, "expected a number in [0, 1]")
     if not 0.0 <= strength <= 1.0:
         raise _fail(where, "strength", strength, "expected a number in [0, 1]")
+    lr_scales = {}
+    for key in ("lr_scale", "latent_lr_scale"):
+        value = get(key)
+        if value is not None and (
+            not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+        ):
+            raise _fail(where, key, value, "expected a learning-rate multiplier > 0, e.g. 0.1")
+        lr_scales[key] = None if value is None else float(value)
     options = {
         k: _check_type(where, k, get(k, default), default) for k, default in cls.options.items()
     }
@@ -235,6 +249,7 @@ def parse_spec(spec: Mapping[str, Any] | QuantSpec, where: str = "quantizer spec
         estimator=estimator,
         enabled=enabled,
         strength=float(strength),
+        **lr_scales,
         options=Options(options),
     )
 
