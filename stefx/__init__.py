@@ -9,6 +9,7 @@
 from stefx import train
 from stefx.api import dequantize, explain, quantize
 from stefx.capture import capture
+from stefx.convert import ConvertError, convert
 from stefx.errors import CaptureError, NoMatchError, RecipeError, StefxError
 from stefx.profile import profile
 from stefx.recipe import Recipe, Rule, load_recipe, preset_names
@@ -22,6 +23,7 @@ if "transformers" in __import__("sys").modules:  # from_pretrained knows quant_m
 
 __all__ = [
     "CaptureError",
+    "ConvertError",
     "NoMatchError",
     "QuantSpec",
     "Quantizer",
@@ -30,6 +32,7 @@ __all__ = [
     "Rule",
     "StefxError",
     "capture",
+    "convert",
     "dequantize",
     "explain",
     "load",

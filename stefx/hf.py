@@ -55,6 +55,7 @@ class StefxConfig(QuantizationConfigMixin):
         plan: dict[str, Any] | None = None,
         recipe: str | dict[str, Any] | None = None,
         version: int = VERSION,
+        converted: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = METHOD
@@ -71,6 +72,7 @@ class StefxConfig(QuantizationConfigMixin):
         self.plan = plan
         self.recipe = recipe
         self.version = version
+        self.converted = list(converted or [])  # weights stored packed (stefx.convert)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"quant_method": METHOD, "version": self.version}
@@ -78,6 +80,8 @@ class StefxConfig(QuantizationConfigMixin):
             out["plan"] = self.plan
         if self.recipe is not None:
             out["recipe"] = self.recipe
+        if self.converted:
+            out["converted"] = self.converted
         return out
 
 
@@ -118,6 +122,10 @@ class StefxHfQuantizer(HfQuantizer):
         plan = plan_from_dict(self.quantization_config.plan)
         with torch.device("meta"):  # the skeleton is on meta; its quantizers go there too
             apply_plan(model, plan)
+            if self.quantization_config.converted:  # packed storage for the saved codes
+                from stefx.convert import convert
+
+                convert(model, only=self.quantization_config.converted, layout=True)
         object.__setattr__(model, PLAN_ATTR, plan)
         return model
 
@@ -176,9 +184,12 @@ def check_config(model: nn.Module) -> None:
 def attach_config(model: nn.Module) -> None:
     """Record ``model``'s stefx plan as its ``config.quantization_config``."""
     from stefx.api import plan_of
+    from stefx.convert import converted_weights
     from stefx.saving import plan_to_dict
 
-    model.config.quantization_config = StefxConfig(plan=plan_to_dict(plan_of(model)))
+    model.config.quantization_config = StefxConfig(
+        plan=plan_to_dict(plan_of(model)), converted=converted_weights(model)
+    )
 
 
 def detach_config(model: nn.Module) -> None:

@@ -221,6 +221,12 @@ def dequantize(model: nn.Module) -> nn.Module:
                 remove_hooks(child, owner=module)
         remove_hooks(module)
         restore(module, state)
+        for p, qname in state.swaps.items():  # a packed weight (stefx.convert): its values
+            packed = module._modules.get(qname)
+            if getattr(packed, "weight_shape", None) is not None:
+                owner, _, key = p.rpartition(".")
+                slot = module.get_submodule(owner) if owner else module
+                slot._parameters[key] = nn.Parameter(packed.dequantized())
         for name in state.added:
             delattr(module, name)
         object.__delattr__(module, STATE_ATTR)

@@ -211,7 +211,8 @@ def _recomputable(qw: torch.Tensor, latent: torch.Tensor, param: str, state) -> 
     """A fresh buffer of the quantizer's (not the latent itself: a disabled quantizer),
     and not a folded weight (it reads BatchNorm statistics that the forward moves)."""
     return (
-        qw is not latent
+        latent is not None  # a packed weight (stefx.convert): nothing to recompute from
+        and qw is not latent
         and param not in state.fold
         and qw.is_contiguous()
         and qw.device.type != "meta"

@@ -126,6 +126,7 @@ def save(model: nn.Module, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     from stefx.api import target_of
+    from stefx.convert import converted_weights
 
     plan = _plan_of(model)
     peft = target_of(model) is not model
@@ -138,6 +139,7 @@ def save(model: nn.Module, path: str | Path) -> None:
         "as_graph": isinstance(model, torch.fx.GraphModule),
         "model": {**_model_info(model), "peft": peft},
         "aliases": aliases,
+        "converted": converted_weights(model),  # weights stored packed (stefx.convert)
         "sha256": _digest(tensors),
     }
     try:
@@ -291,6 +293,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         result = model
         apply_plan(model, plan)
     try:
+        if header.get("converted"):  # packed storage first, then the file's codes go in
+            from stefx.convert import convert
+
+            convert(model, only=header["converted"], layout=True)
         missing, unexpected = _keys(result, state)
         if missing or unexpected:
             raise StefxError(
