@@ -1,0 +1,103 @@
+"""What stefx.convert stores and computes, preset by preset, on a byte-level Llama.
+
+The LM of ``bench_quality_lm.py`` (hidden 128, 4 layers, MLP 352) is trained in float on
+``pydoc_data.topics``, then for each convertible preset: quantized, fine-tuned (QAT), and
+converted. Per preset: the bits per weight the converted decoder Linears store (codes,
+scales and zero points), the size of the ``stefx.save`` file against the float model's,
+held-out per-byte perplexity of the fake-quantized and of the converted model, and how far
+the converted logits are from the fake-quantized ones (max |Δ|, top-1 agreement).
+
+    python benchmarks/bench_convert.py                   # ~4 min on 2 cores
+    python benchmarks/bench_convert.py --float-steps 1200 --qat-steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+import stefx
+from stefx.convert import PackedWeight
+from stefx.demo import corpus, held_out_loss
+
+PRESETS = ["w8a8", "w4a8", "w4a16-g128", "w2a16-g64", "bitnet-b158", "ternary-twn", "w1a16"]
+
+
+def _file_bytes(model, path: Path) -> int:
+    if stefx.rewrite.quantized_modules(model):
+        stefx.save(model, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path.stat().st_size
+
+
+def _bits_per_weight(model) -> float:
+    stored = numel = 0
+    for module in model.modules():
+        if isinstance(module, PackedWeight):
+            stored += sum(t.numel() * t.element_size() for t in module.state_dict().values())
+            numel += module.weight_shape.numel()
+    return stored * 8 / numel
+
+
+@torch.no_grad()
+def _agreement(a, b, data, seq=128, batches=8):
+    worst, same, total = 0.0, 0, 0
+    for i in range(batches):
+        x = data[i * seq : (i + 1) * seq].unsqueeze(0)
+        la, lb = a(input_ids=x).logits, b(input_ids=x).logits
+        worst = max(worst, (la - lb).abs().max().item())
+        same += (la.argmax(-1) == lb.argmax(-1)).sum().item()
+        total += x.numel()
+    return worst, same / total
+
+
+def main(argv: list[str] | None = None) -> None:
+    import bench_quality_lm as lm
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--float-steps", type=int, default=600)
+    parser.add_argument("--qat-steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = corpus()
+    split = data.numel() * 9 // 10
+    train, val = data[:split], data[split:]
+    base = lm.train(lm.build(0), train, args.float_steps, 3e-3, 128, 0)
+    tmp = Path(tempfile.mkdtemp())
+    float_bytes = _file_bytes(base, tmp / "float.safetensors")
+    print(f"float: ppl {math.exp(held_out_loss(base, val, 128)):.3f}, file {float_bytes} B")
+    print("| preset | bits/weight stored | file vs float | ppl fake-quant | ppl converted "
+          "| max abs logit diff | top-1 agreement |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for preset in args.presets.split(","):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = stefx.quantize(copy.deepcopy(base), preset, report=False)
+        lm.train(q, train, args.qat_steps, 3e-4, 128, 1000)
+        q.eval()
+        fake = copy.deepcopy(q)
+        stefx.convert(q)
+        ppl_fake = math.exp(held_out_loss(fake, val, 128))
+        ppl_conv = math.exp(held_out_loss(q, val, 128))
+        worst, top1 = _agreement(fake, q, val)
+        size = _file_bytes(q, tmp / f"{preset}.safetensors")
+        print(f"| {preset} | {_bits_per_weight(q):.2f} | {size / float_bytes:.3f} | "
+              f"{ppl_fake:.3f} | {ppl_conv:.3f} | {worst:.1e} | {top1 * 100:.2f}% |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
