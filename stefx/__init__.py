@@ -11,6 +11,7 @@ from stefx.api import dequantize, explain, quantize
 from stefx.capture import capture
 from stefx.convert import ConvertError, convert
 from stefx.errors import CaptureError, NoMatchError, RecipeError, StefxError
+from stefx.export import export
 from stefx.profile import profile
 from stefx.recipe import Recipe, Rule, load_recipe, preset_names
 from stefx.saving import load, save
@@ -35,6 +36,7 @@ __all__ = [
     "convert",
     "dequantize",
     "explain",
+    "export",
     "load",
     "load_recipe",
     "make_quantizer",

@@ -1,0 +1,90 @@
+"""stefx.export: what stefx trained, loaded by another project's loader, computes the same."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import stefx
+from stefx.convert import ConvertError, converted_weights
+from tests.zoo import build
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("compressed_tensors")
+from safetensors import safe_open  # noqa: E402
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def _weights(bits, strategy, symmetric=True, kind="uniform", **extra):
+    spec = {"type": kind, "num_bits": bits, "strategy": strategy, **extra}
+    if kind == "uniform":
+        spec["symmetric"] = symmetric
+    return {
+        "name": "ct",
+        "rules": [{"targets": ["linear"], "ignore": ["lm_head"], "weights": spec}],
+    }
+
+
+CASES = {
+    "w4a16-g128": ("w4a16-g128", True),  # asymmetric: loaded dequantized (see stefx.export)
+    "int8-channel": (_weights(8, "channel"), False),
+    "lsq4-g32": (_weights(4, "group", kind="lsq", group_size=32), False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_loads_the_export_and_computes_the_same(tmp_path, case):
+    recipe, dequantize = CASES[case]
+    q = stefx.quantize(_llama(), recipe, report=False).eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = q(input_ids=ids).logits
+    stefx.export(q, tmp_path, format="compressed-tensors")
+    assert not converted_weights(q)  # the model passed is left as it was
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        packed = f.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
+    assert "model.layers.0.mlp.down_proj.weight" not in keys
+    assert packed.dtype == torch.int32
+    bits = 4 if "4" in case else 8
+    assert packed.numel() * 32 == 128 * 256 * bits  # 32 // bits codes per int32
+    kwargs = {}
+    if dequantize:
+        kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", **kwargs
+    ).eval()
+    with torch.no_grad():
+        got = back(input_ids=ids).logits
+    assert torch.equal(got, want)
+
+
+def test_what_the_format_cannot_hold_is_refused_and_nothing_is_written(tmp_path):
+    out = tmp_path / "out"
+    q = stefx.quantize(_llama(), "w4a8", report=False)
+    with pytest.raises(ConvertError, match=r"q_proj.*weight-only.*w4a16-g128"):
+        stefx.export(q, out, format="compressed-tensors")
+    ragged, _ = build("llama")  # 32-wide layers: groups of 128 do not tile them
+    with pytest.raises(ConvertError, match="do not tile its 32 inputs"):
+        stefx.export(
+            stefx.quantize(ragged, "w4a16-g128", report=False), out, format="compressed-tensors"
+        )
+    with pytest.raises(ConvertError, match="'gguf' is not implemented yet"):
+        stefx.export(q, out, format="gguf")
+    with pytest.raises(ConvertError, match="unknown format 'tflite'"):
+        stefx.export(q, out, format="tflite")
+    assert not out.exists()
+    q2 = stefx.quantize(_llama(), "w4a16-g128", report=False)
+    before = copy.deepcopy(q2.state_dict())
+    stefx.export(q2, out, format="compressed-tensors")
+    assert all(torch.equal(v, before[k]) for k, v in q2.state_dict().items())
