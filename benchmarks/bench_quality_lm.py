@@ -206,7 +206,8 @@ def run(args) -> dict[str, dict[str, list[float]]]:
             "QAT",
             train(copy.deepcopy(base), train_data, args.qat_steps, 3e-4, seq, qat_seed),
         )
-        for name in [*args.presets.split(","), *PLAIN]:
+        plains = [] if args.plain == "none" else args.plain.split(",")
+        for name in [*args.presets.split(","), *plains]:
             model = copy.deepcopy(base)
             if name in PLAIN:
                 model = plain(model, name)
@@ -238,6 +239,7 @@ def _run_in_processes(args) -> dict[str, dict[str, list[float]]]:
                 seed = pending.pop(0)
                 out = Path(tmp) / f"seed{seed}.json"
                 cmd = [sys.executable, __file__, "--presets", args.presets, "--seeds", "1",
+                       "--plain", args.plain,
                        "--first-seed", str(seed), "--float-steps", str(args.float_steps),
                        "--qat-steps", str(args.qat_steps), "--threads", "1",
                        "--json", str(out)]  # fmt: skip
@@ -288,6 +290,7 @@ def plot(rows, path: str, qat_steps: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--plain", default=",".join(PLAIN), help="plain-STE rows, or none")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side")

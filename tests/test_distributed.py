@@ -66,13 +66,18 @@ def _single(preset):
     return [_step(model, opt, ids).item() for ids in _batches()], model
 
 
-def _worker(rank, world, port, preset, mode, out):
-    # gloo's own sockets on loopback too, not on whatever address the hostname resolves to
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, rendezvous, preset, mode, out):
+    # gloo's own sockets on loopback, not on whatever address the hostname resolves to
     if sys.platform == "linux":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=240))
+    dist.init_process_group(  # a file to meet at: no TCP port to pick and race for
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=240),
+    )
     try:
         model = _model(preset)
         if mode == "ddp":
@@ -104,12 +109,6 @@ def _worker(rank, world, port, preset, mode, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 GROUPED = {  # per-group LSQ steps: one per 16 inputs, more steps than rows to shard
     "name": "w4-g16",
     "rules": [
@@ -130,7 +129,10 @@ GROUPED = {  # per-group LSQ steps: one per 16 inputs, more steps than rows to s
 def test_two_processes_match_one(tmp_path, mode, preset):
     out = tmp_path / "rank0.pt"
     ranks = mp.start_processes(
-        _worker, args=(2, _free_port(), preset, mode, str(out)), nprocs=2, join=False
+        _worker,
+        args=(2, str(tmp_path / "rendezvous"), preset, mode, str(out)),
+        nprocs=2,
+        join=False,
     )
     deadline = time.monotonic() + WORKER_DEADLINE_S
     while not ranks.join(timeout=5):  # re-raises a rank's exception
