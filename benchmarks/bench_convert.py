@@ -25,8 +25,21 @@ import torch
 import stefx
 from stefx.convert import PackedWeight
 from stefx.demo import corpus, held_out_loss
+from stefx.export import FORMATS
 
-PRESETS = ["w8a8", "w4a8", "w4a16-g128", "w2a16-g64", "bitnet-b158", "ternary-twn", "w1a16"]
+PRESETS = ["w8a8", "w4a8", "w4a16-g128", "w2a16-g64", "bitnet-b158", "ternary-twn", "w1a16",
+           "w4a16-channel"]  # fmt: skip
+# a weight-only per-channel int4 recipe: the lattice compressed-tensors holds at any width
+W4_CHANNEL = {
+    "name": "w4a16-channel",
+    "rules": [
+        {
+            "targets": ["linear"],
+            "ignore": ["lm_head"],
+            "weights": {"type": "lsq", "num_bits": 4, "strategy": "channel", "init": "mse"},
+        }
+    ],
+}
 
 
 def _file_bytes(model, path: Path) -> int:
@@ -80,10 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     print("| preset | bits/weight stored | file vs float | ppl fake-quant | ppl converted "
           "| max abs logit diff | top-1 agreement |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
+    exports = []
     for preset in args.presets.split(","):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = stefx.quantize(copy.deepcopy(base), preset, report=False)
+            recipe = W4_CHANNEL if preset == "w4a16-channel" else preset
+            q = stefx.quantize(copy.deepcopy(base), recipe, report=False)
         lm.train(q, train, args.qat_steps, 3e-4, 128, 1000)
         q.eval()
         fake = copy.deepcopy(q)
@@ -94,6 +109,29 @@ def main(argv: list[str] | None = None) -> None:
         size = _file_bytes(q, tmp / f"{preset}.safetensors")
         print(f"| {preset} | {_bits_per_weight(q):.2f} | {size / float_bytes:.3f} | "
               f"{ppl_fake:.3f} | {ppl_conv:.3f} | {worst:.1e} | {top1 * 100:.2f}% |")  # fmt: skip
+        exports.append((preset, fake))
+    print("\n| preset | format | loaded by transformers: ppl | max abs logit diff | top-1 |")
+    print("|---|---|---|---|---|")
+    for preset, fake in exports:
+        for fmt in FORMATS:
+            print(f"| {preset} | {fmt} | {_exported(fake, fmt, tmp / f'{preset}-{fmt}', val)} |")
+
+
+def _exported(fake, fmt: str, path: Path, val) -> str:
+    import transformers
+
+    try:
+        stefx.export(fake, path, format=fmt)
+    except stefx.ConvertError as e:
+        return "refused: " + str(e).split(": ", 2)[-1].split(";")[0] + " | | "
+    kwargs = {"attn_implementation": fake.config._attn_implementation}
+    if fmt == "compressed-tensors":  # zero points: see stefx.export
+        kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    worst, top1 = _agreement(fake, back, val)
+    return f"{math.exp(held_out_loss(back, val, 128)):.3f} | {worst:.1e} | {top1 * 100:.2f}%"
 
 
 if __name__ == "__main__":

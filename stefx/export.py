@@ -15,7 +15,15 @@ the preset that fits, never re-quantized behind the user's back.
   with the zero point unpacked and then expects it packed, so load those with
   ``from_pretrained(path, quantization_config=CompressedTensorsConfig(dequantize=True))``.
 
-GGUF, ONNX and Hugging Face BitNet are not written yet.
+- ``"hf-bitnet"``: a Hugging Face folder in transformers' own BitNet format
+  (``quant_method: bitnet``, offline packed ternary ``BitLinear`` weights, four 2-bit codes
+  per byte, one scale per tensor, 8-bit per-token activations), which ``from_pretrained``
+  loads with no extra package: the lattice of ``bitnet-b158``. transformers computes
+  ``linear(round(x·127/max|x|), codes) / (127/max|x| · 1/γ)`` where stefx computes
+  ``linear(round(x/(max|x|/127))·max|x|/127, codes·γ)``: the same lattice, rounded in
+  another order, so logits agree to float tolerance rather than bit for bit.
+
+GGUF and ONNX are not written yet.
 """
 
 from __future__ import annotations
@@ -32,8 +40,8 @@ from stefx.convert import ConvertError, PackedWeight
 
 __all__ = ["FORMATS", "export"]
 
-FORMATS = ("compressed-tensors",)
-_LATER = ("gguf", "onnx", "hf-bitnet")
+FORMATS = ("compressed-tensors", "hf-bitnet")
+_LATER = ("gguf", "onnx")
 
 
 def export(model: nn.Module, path: str | Path, format: str) -> Path:
@@ -46,6 +54,8 @@ def export(model: nn.Module, path: str | Path, format: str) -> Path:
         )
     if format not in FORMATS:
         raise ConvertError(f"export: unknown format {format!r}; choose one of {FORMATS}")
+    if format == "hf-bitnet":
+        return _hf_bitnet(model, Path(path))
     return _compressed_tensors(model, Path(path))
 
 
@@ -110,28 +120,8 @@ def _compressed_tensors(model: nn.Module, path: Path) -> Path:
             "export compressed-tensors: the compressed-tensors package is not installed; "
             "pip install 'stefx[export]'"
         ) from None
-    from safetensors.torch import save_file
-
-    import stefx
-    from stefx.api import target_of
-    from stefx.ste.base import Quantizer
-
-    base = target_of(model)
-    if not hasattr(base, "config") or not hasattr(base, "save_pretrained"):
-        raise ConvertError(
-            f"export compressed-tensors: {type(base).__name__} is not a Hugging Face model; "
-            "the format is a transformers checkpoint folder"
-        )
-    work = copy.deepcopy(base)
-    if not _packed_layers(work):
-        stefx.convert(work)
-    layers = _packed_layers(work)
+    work, layers, tensors = _converted_copy(model, "compressed-tensors")
     schemes = {name: _ct_scheme(name, m, pw) for name, (m, pw) in layers.items()}
-    tensors: dict[str, torch.Tensor] = {}
-    quantizer_paths = {n for n, m in work.named_modules() if isinstance(m, Quantizer)}
-    for key, value in work.state_dict().items():
-        if key.rpartition(".")[0] not in quantizer_paths:
-            tensors[key] = value
     for name, (_, packed) in layers.items():
         prefix = name.rpartition(".")[0]
         bits, shift = packed.spec.num_bits, 2 ** (packed.spec.num_bits - 1)
@@ -163,6 +153,35 @@ def _compressed_tensors(model: nn.Module, path: Path) -> Path:
         },
         "ignore": [n for n in linear if n not in packed_modules],
     }
+    return _write(work, config, tensors, path)
+
+
+def _converted_copy(model: nn.Module, fmt: str):
+    """A converted copy of ``model``'s HF model, its packed layers, and its state dict
+    without stefx's quantizer entries."""
+    import stefx
+    from stefx.api import target_of
+    from stefx.ste.base import Quantizer
+
+    base = target_of(model)
+    if not hasattr(base, "config") or not hasattr(base, "save_pretrained"):
+        raise ConvertError(
+            f"export {fmt}: {type(base).__name__} is not a Hugging Face model; the format is "
+            "a transformers checkpoint folder"
+        )
+    work = copy.deepcopy(base)
+    if not _packed_layers(work):
+        stefx.convert(work)
+    quantizer_paths = {n for n, m in work.named_modules() if isinstance(m, Quantizer)}
+    tensors = {
+        k: v for k, v in work.state_dict().items() if k.rpartition(".")[0] not in quantizer_paths
+    }
+    return work, _packed_layers(work), tensors
+
+
+def _write(work: nn.Module, config, tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
     if getattr(work, "generation_config", None) is not None:
@@ -174,6 +193,56 @@ def _compressed_tensors(model: nn.Module, path: Path) -> Path:
         metadata={"format": "pt"},
     )
     return path
+
+
+def _hf_bitnet(model: nn.Module, path: Path) -> Path:
+    from transformers.integrations.bitnet import pack_weights
+
+    from stefx.rewrite import STATE_ATTR
+
+    work, layers, tensors = _converted_copy(model, "hf-bitnet")
+    fits = "bitnet-b158"
+    packed_modules = {}
+    for name, (module, packed) in layers.items():
+        s, state = packed.spec, module.__dict__[STATE_ATTR]
+        a = work.get_submodule(name.rpartition(".")[0])._modules.get(state.input or "")
+        problem = None
+        if type(module) is not nn.Linear:
+            problem = f"it is a {type(module).__name__}; BitLinear replaces nn.Linear"
+        elif (s.type, s.scale, s.strategy) != ("ternary", "absmean", "tensor"):
+            problem = (
+                f"its weights are {s.type} {s.scale} per {s.strategy}, not absmean ternary "
+                "per tensor"
+            )
+        elif (
+            a is None
+            or (a.spec.type, a.spec.num_bits, a.spec.strategy, a.spec.symmetric)
+            != ("uniform", 8, "token", True)
+            or getattr(a, "frozen", False)
+        ):
+            problem = "its input is not 8-bit symmetric per-token absmax, as BitLinear's is"
+        elif state.output is not None or state.op_table:
+            problem = "it quantizes more than its input and weight"
+        elif packed.weight_shape[0] % 4:
+            problem = f"{packed.weight_shape[0]} outputs: BitLinear packs rows in fours"
+        if problem:
+            raise ConvertError(f"export hf-bitnet: {name}: {problem}; the preset that fits: {fits}")
+        prefix = name.rpartition(".")[0]
+        codes = _signed_codes(packed, 0).to(torch.int8)
+        tensors[f"{prefix}.weight"] = pack_weights(codes.clone())
+        gamma = packed.scale.reshape(())
+        safe = gamma if gamma > 0 else torch.ones_like(gamma)
+        tensors[f"{prefix}.weight_scale"] = (1.0 / safe).reshape(1).to(packed.weight_dtype)
+        packed_modules[prefix] = module
+    linear = [n for n, m in work.named_modules() if isinstance(m, nn.Linear)]
+    config = copy.deepcopy(work.config)
+    config.quantization_config = {
+        "quant_method": "bitnet",
+        "linear_class": "bitlinear",
+        "quantization_mode": "offline",
+        "modules_to_not_convert": [n for n in linear if n not in packed_modules],
+    }
+    return _write(work, config, tensors, path)
 
 
 def _signed_codes(packed: PackedWeight, shift: int) -> torch.Tensor:

@@ -88,3 +88,24 @@ def test_what_the_format_cannot_hold_is_refused_and_nothing_is_written(tmp_path)
     before = copy.deepcopy(q2.state_dict())
     stefx.export(q2, out, format="compressed-tensors")
     assert all(torch.equal(v, before[k]) for k, v in q2.state_dict().items())
+
+
+def test_transformers_loads_the_bitnet_export_as_bitlinear(tmp_path):
+    from transformers.integrations.bitnet import BitLinear
+
+    q = stefx.quantize(_llama(), "bitnet-b158", report=False).eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = q(input_ids=ids).logits
+    stefx.export(q, tmp_path, format="hf-bitnet")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    back.eval()
+    assert isinstance(back.model.layers[1].mlp.down_proj, BitLinear)
+    assert type(back.lm_head) is torch.nn.Linear  # kept float, as the preset keeps it
+    with torch.no_grad():
+        got = back(input_ids=ids).logits
+    # the same lattice, rounded in another order (see stefx.export)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    with pytest.raises(ConvertError, match=r"q_proj.weight: its weights are lsq.*fits: bitnet-b158"):
+        stefx.export(stefx.quantize(_llama(), "w4a8", report=False), tmp_path / "x", "hf-bitnet")
