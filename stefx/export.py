@@ -88,12 +88,12 @@ def _ct_scheme(name: str, module: nn.Module, packed: PackedWeight) -> dict:
         problem = "its activations are quantized too; pack-quantized is weight-only"
     elif s.strategy not in ("channel", "group") or (s.strategy == "channel" and s.axis):
         problem = f"its scales are per {s.strategy}; the format has per-channel or groups"
-    elif s.strategy == "group" and (
-        s.axis not in (None, -1, 1) or packed.weight_shape[-1] % s.group_size
-    ):
+    elif s.strategy == "group" and s.axis not in (None, -1, 1):
+        problem = f"its groups run along axis {s.axis}; the format groups along the input"
+    elif s.strategy == "group" and packed.weight_shape[-1] % s.group_size:
         problem = (
-            f"groups of {s.group_size} along axis {s.axis} do not tile its "
-            f"{packed.weight_shape[-1]} inputs; the format has no ragged last group"
+            f"groups of {s.group_size} do not tile its {packed.weight_shape[-1]} inputs; "
+            "the format has no ragged last group"
         )
     if problem:
         raise ConvertError(
