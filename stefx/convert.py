@@ -41,8 +41,8 @@ __all__ = [
     "PackedWeight",
     "convert",
     "converted_weights",
-    "is_converted",
     "pack",
+    "packed_weights",
     "unpack",
 ]
 
@@ -166,10 +166,16 @@ class PackedWeight(Quantizer):
         if lattice.zero is not None:
             self.zero_point = lattice.zero.reshape(-1).to(torch.uint8)
 
-    def dequantized(self) -> torch.Tensor:
-        u = unpack(self.codes, self.slot, self.weight_shape.numel()).to(self.scale.dtype)
-        u = self.granularity.rows(u.reshape(self.weight_shape))  # padding: code 0, dropped
+    def int_codes(self) -> torch.Tensor:
+        """The integer codes, shaped like the weight (binary: ±1; asymmetric: before the
+        zero point is taken off)."""
+        u = unpack(self.codes, self.slot, self.weight_shape.numel()).to(torch.int32)
         codes = 2 * u - 1 if self.spec.type == "binary" else u + self.qmin
+        return codes.reshape(self.weight_shape)
+
+    def dequantized(self) -> torch.Tensor:
+        # a ragged group's padding is code 0 here and dropped again by unrows
+        codes = self.granularity.rows(self.int_codes().to(self.scale.dtype))
         if self.zero_point is not None:
             codes = codes - self.zero_point.to(codes.dtype).unsqueeze(1)
         rows = (codes * self.scale.unsqueeze(1)).to(self.weight_dtype)
@@ -187,11 +193,10 @@ class PackedWeight(Quantizer):
 
 def _codes(q: Quantizer, x: torch.Tensor, where: str) -> tuple[torch.Tensor, _Lattice]:
     """Integer codes (row view) of weight ``x`` under ``q``, checked to reproduce ``q(x)``."""
-    if not q.enabled or not q._full:
+    if not q._full:  # a disabled quantizer never gets here: its weight stays float
         raise ConvertError(
-            f"{where}: its quantizer is {'disabled' if not q.enabled else 'ramped'} "
-            f"(strength {q.strength:g}); convert stores the fully quantized weight: set "
-            "strength 1 and enabled on every weight quantizer first"
+            f"{where}: its quantizer is ramped (strength {q.strength:g}); convert stores the "
+            "fully quantized weight: set strength 1 on every weight quantizer first"
         )
     gran = q.granularity
     with torch.no_grad():
@@ -216,21 +221,23 @@ def _codes(q: Quantizer, x: torch.Tensor, where: str) -> tuple[torch.Tensor, _La
     return codes.to(torch.int16), lat
 
 
-def is_converted(model: nn.Module) -> bool:
-    """Whether any weight of ``model`` is stored packed."""
-    return any(isinstance(m, PackedWeight) for m in model.modules())
+def packed_weights(model: nn.Module) -> dict[str, tuple[nn.Module, PackedWeight]]:
+    """FQN of each weight of ``model`` stored packed -> (the module that reads it, its
+    :class:`PackedWeight`)."""
+    from stefx.rewrite import STATE_ATTR, quantized_modules
+
+    out = {}
+    for fqn, module in quantized_modules(model).items():
+        for p, qname in module.__dict__[STATE_ATTR].swaps.items():
+            packed = module._modules.get(qname)
+            if isinstance(packed, PackedWeight):
+                out[f"{fqn}.{p}" if fqn else p] = (module, packed)
+    return out
 
 
 def converted_weights(model: nn.Module) -> list[str]:
     """FQNs of the weights of ``model`` stored packed (what :func:`stefx.save` records)."""
-    from stefx.rewrite import STATE_ATTR, quantized_modules
-
-    out = []
-    for fqn, module in quantized_modules(model).items():
-        for p, qname in module.__dict__[STATE_ATTR].swaps.items():
-            if isinstance(module._modules.get(qname), PackedWeight):
-                out.append(f"{fqn}.{p}" if fqn else p)
-    return out
+    return list(packed_weights(model))
 
 
 def convert(model: nn.Module, *, only: list[str] | None = None, layout: bool = False) -> nn.Module:
@@ -265,6 +272,7 @@ def convert(model: nn.Module, *, only: list[str] | None = None, layout: bool = F
         )
     names = {id(m): n for n, m in base.named_modules()}
     work = []  # everything computed before anything changes: no half-converted model
+    seen: set[str] = set()
     for fqn, module in modules.items():
         state = module.__dict__[STATE_ATTR]
         if state.call_weights:
@@ -275,9 +283,10 @@ def convert(model: nn.Module, *, only: list[str] | None = None, layout: bool = F
             )
         for p, qname in state.swaps.items():
             q = module._modules[qname]
+            where = f"{fqn}.{p}" if fqn else p
+            seen.add(where)
             if isinstance(q, PackedWeight) or not q.enabled:
                 continue  # converted already, or left float on purpose
-            where = f"{fqn}.{p}" if fqn else p
             if only is not None and where not in only:
                 continue
             w = module.get_parameter(p).detach()

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stefx.convert import ConvertError, PackedWeight
+from stefx.convert import ConvertError, PackedWeight, packed_weights
 
 __all__ = ["FORMATS", "export"]
 
@@ -57,19 +57,6 @@ def export(model: nn.Module, path: str | Path, format: str) -> Path:
     if format == "hf-bitnet":
         return _hf_bitnet(model, Path(path))
     return _compressed_tensors(model, Path(path))
-
-
-def _packed_layers(model: nn.Module) -> dict[str, tuple[nn.Module, PackedWeight]]:
-    from stefx.rewrite import STATE_ATTR, quantized_modules
-
-    out = {}
-    for fqn, module in quantized_modules(model).items():
-        state = module.__dict__[STATE_ATTR]
-        for p, qname in state.swaps.items():
-            packed = module._modules[qname]
-            if isinstance(packed, PackedWeight):
-                out[f"{fqn}.{p}" if fqn else p] = (module, packed)
-    return out
 
 
 def _ct_scheme(name: str, module: nn.Module, packed: PackedWeight) -> dict:
@@ -125,8 +112,7 @@ def _compressed_tensors(model: nn.Module, path: Path) -> Path:
     for name, (_, packed) in layers.items():
         prefix = name.rpartition(".")[0]
         bits, shift = packed.spec.num_bits, 2 ** (packed.spec.num_bits - 1)
-        codes = _signed_codes(packed, shift)
-        tensors[f"{prefix}.weight_packed"] = pack_to_int32(codes, bits)
+        tensors[f"{prefix}.weight_packed"] = pack_to_int32(_signed_codes(packed), bits)
         groups = packed.scale.numel() // packed.weight_shape[0]
         tensors[f"{prefix}.weight_scale"] = packed.scale.reshape(-1, groups).to(packed.weight_dtype)
         tensors[f"{prefix}.weight_shape"] = torch.tensor(list(packed.weight_shape))
@@ -170,13 +156,13 @@ def _converted_copy(model: nn.Module, fmt: str):
             "a transformers checkpoint folder"
         )
     work = copy.deepcopy(base)
-    if not _packed_layers(work):
+    if not packed_weights(work):
         stefx.convert(work)
     quantizer_paths = {n for n, m in work.named_modules() if isinstance(m, Quantizer)}
     tensors = {
         k: v for k, v in work.state_dict().items() if k.rpartition(".")[0] not in quantizer_paths
     }
-    return work, _packed_layers(work), tensors
+    return work, packed_weights(work), tensors
 
 
 def _write(work: nn.Module, config, tensors: dict[str, torch.Tensor], path: Path) -> Path:
@@ -205,7 +191,7 @@ def _hf_bitnet(model: nn.Module, path: Path) -> Path:
     packed_modules = {}
     for name, (module, packed) in layers.items():
         s, state = packed.spec, module.__dict__[STATE_ATTR]
-        a = work.get_submodule(name.rpartition(".")[0])._modules.get(state.input or "")
+        a = module._modules.get(state.input or "")
         problem = None
         if type(module) is not nn.Linear:
             problem = f"it is a {type(module).__name__}; BitLinear replaces nn.Linear"
@@ -228,8 +214,7 @@ def _hf_bitnet(model: nn.Module, path: Path) -> Path:
         if problem:
             raise ConvertError(f"export hf-bitnet: {name}: {problem}; the preset that fits: {fits}")
         prefix = name.rpartition(".")[0]
-        codes = _signed_codes(packed, 0).to(torch.int8)
-        tensors[f"{prefix}.weight"] = pack_weights(codes.clone())
+        tensors[f"{prefix}.weight"] = pack_weights(_signed_codes(packed))  # ternary: -1..1
         gamma = packed.scale.reshape(())
         safe = gamma if gamma > 0 else torch.ones_like(gamma)
         tensors[f"{prefix}.weight_scale"] = (1.0 / safe).reshape(1).to(packed.weight_dtype)
@@ -245,15 +230,13 @@ def _hf_bitnet(model: nn.Module, path: Path) -> Path:
     return _write(work, config, tensors, path)
 
 
-def _signed_codes(packed: PackedWeight, shift: int) -> torch.Tensor:
-    """The layer's codes in compressed-tensors' signed range [-2^(b-1), 2^(b-1) - 1], with
-    the zero point moved by the same shift (code - zero is unchanged)."""
-    from stefx.convert import unpack
-
-    u = unpack(packed.codes, packed.slot, packed.weight_shape.numel()).to(torch.int32)
-    codes = (u + packed.qmin).reshape(packed.weight_shape)
+def _signed_codes(packed: PackedWeight) -> torch.Tensor:
+    """The layer's codes as int8; an unsigned asymmetric range [0, 2^b - 1] moves to the
+    signed [-2^(b-1), 2^(b-1) - 1] compressed-tensors stores (its zero point moves alike,
+    so code - zero is unchanged)."""
+    codes = packed.int_codes()
     if packed.zero_point is not None:
-        codes = codes - shift  # unsigned [0, 2^b - 1] -> signed, zero point alike
+        codes = codes - 2 ** (packed.spec.num_bits - 1)
     return codes.to(torch.int8)
 
 

@@ -214,6 +214,8 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def dequantize(model: nn.Module) -> nn.Module:
     """Remove every stefx quantizer and hook: the model is its float self again (in place)."""
+    from stefx.convert import PackedWeight
+
     for module in quantized_modules(model).values():
         state: ModuleState = module.__dict__[STATE_ATTR]
         if state.op_table:
@@ -223,7 +225,7 @@ def dequantize(model: nn.Module) -> nn.Module:
         restore(module, state)
         for p, qname in state.swaps.items():  # a packed weight (stefx.convert): its values
             packed = module._modules.get(qname)
-            if getattr(packed, "weight_shape", None) is not None:
+            if isinstance(packed, PackedWeight):
                 owner, _, key = p.rpartition(".")
                 slot = module.get_submodule(owner) if owner else module
                 slot._parameters[key] = nn.Parameter(packed.dequantized())
