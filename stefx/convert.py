@@ -258,6 +258,11 @@ def convert(model: nn.Module, *, only: list[str] | None = None, layout: bool = F
     from stefx.api import _hf_plugin, target_of
     from stefx.rewrite import STATE_ATTR, quantized_modules
 
+    if not isinstance(model, nn.Module):
+        raise ConvertError(
+            f"convert: model={type(model).__name__} is not a torch.nn.Module; pass the model "
+            "stefx.quantize returned"
+        )
     base = target_of(model)
     modules = quantized_modules(base)
     if not modules and isinstance(base, torch.fx.GraphModule):
@@ -301,6 +306,12 @@ def convert(model: nn.Module, *, only: list[str] | None = None, layout: bool = F
                 x = w * fold_scale(*fold, w)
             codes, lat = _codes(q, x, where)
             work.append((module, state, p, qname, q, w, fold, codes, lat))
+    unknown = sorted(set(only or ()) - seen)
+    if unknown:
+        raise ConvertError(
+            f"convert: only= names {unknown} are not fake-quantized weights of this model; "
+            f"its quantized weights are e.g. {sorted(seen)[:3]}"
+        )
     for module, state, p, qname, q, w, fold, codes, lat in work:
         packed = PackedWeight(q.spec, w.shape, w.dtype, _qmin(q)).to(w.device)
         if lat is not None:

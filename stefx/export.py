@@ -149,6 +149,8 @@ def _converted_copy(model: nn.Module, fmt: str):
     from stefx.api import target_of
     from stefx.ste.base import Quantizer
 
+    if not isinstance(model, nn.Module):
+        raise ConvertError(f"export {fmt}: model={type(model).__name__} is not a torch.nn.Module")
     base = target_of(model)
     if not hasattr(base, "config") or not hasattr(base, "save_pretrained"):
         raise ConvertError(
@@ -168,16 +170,19 @@ def _converted_copy(model: nn.Module, fmt: str):
 def _write(work: nn.Module, config, tensors: dict[str, torch.Tensor], path: Path) -> Path:
     from safetensors.torch import save_file
 
-    path.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(path)
-    if getattr(work, "generation_config", None) is not None:
-        work.generation_config.save_pretrained(path)
     tied = _tied_keys(work)
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items() if k not in tied},
-        str(path / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(path)
+        if getattr(work, "generation_config", None) is not None:
+            work.generation_config.save_pretrained(path)
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items() if k not in tied},
+            str(path / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
+    except OSError as e:
+        raise ConvertError(f"export: cannot write the folder {str(path)!r}: {e}") from None
     return path
 
 

@@ -192,3 +192,12 @@ def test_what_cannot_be_packed_is_refused_and_nothing_changes():
     with pytest.raises(ConvertError, match=r"ramped.*strength 0\.5"):
         stefx.convert(q)
     assert not converted_weights(q)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ConvertError, match=r"model=str is not a torch\.nn\.Module"):
+        stefx.convert("model")
+    q, _ = _quantized("llama", "w4a8")
+    with pytest.raises(ConvertError, match=r"only= names \['lm_head.weight'\]"):
+        stefx.convert(q, only=["lm_head.weight"])
+    assert not converted_weights(q)

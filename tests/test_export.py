@@ -109,3 +109,12 @@ def test_transformers_loads_the_bitnet_export_as_bitlinear(tmp_path):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     with pytest.raises(ConvertError, match=r"q_proj.weight: its weights are lsq.*bitnet-b158"):
         stefx.export(stefx.quantize(_llama(), "w4a8", report=False), tmp_path / "x", "hf-bitnet")
+
+
+def test_an_unwritable_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    q = stefx.quantize(_llama(), "w4a16-g128", report=False)
+    with pytest.raises(ConvertError, match="cannot write the folder"):
+        stefx.export(q, tmp_path / "file", format="compressed-tensors")
+    with pytest.raises(ConvertError, match=r"model=int is not a torch\.nn\.Module"):
+        stefx.export(3, tmp_path / "x", format="hf-bitnet")
