@@ -79,9 +79,15 @@ class ModuleState:
     saved: Any = None  # the saved-tensor hooks that recompute quantized weights
     warned: bool = False
 
+    def weight_quantizers(self) -> list[tuple[str, str]]:
+        """``(weight, quantizer name)`` for every weight this state quantizes, swapped in
+        for the forward or quantized per call."""
+        per_call = [pair for table in self.call_weights.values() for pair in table.items()]
+        return [*self.swaps.items(), *per_call]
+
     def quantizers(self, module: nn.Module) -> list[Quantizer]:
         """Every quantizer this state names, on ``module``."""
-        names = [*self.swaps.values(), *(n for w in self.call_weights.values() for n in w.values())]
+        names = [qname for _, qname in self.weight_quantizers()]
         names += [n for n in (self.input, self.output) if n is not None]
         out = [module._modules[n] for n in names]
         if self.op_table:

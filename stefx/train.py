@@ -106,10 +106,7 @@ def param_groups(
         for p in quantizer.parameters(recurse=False):
             put(p, True, base_q * (quantizer.spec.lr_scale or 1.0), quantizer_weight_decay)
     for module in quantized_modules(model).values():  # latent weights with their own rate
-        state = module.__dict__[STATE_ATTR]
-        pairs = [*state.swaps.items()]
-        pairs += [pair for table in state.call_weights.values() for pair in table.items()]
-        for weight, qname in pairs:
+        for weight, qname in module.__dict__[STATE_ATTR].weight_quantizers():
             scale = module._modules[qname].spec.latent_lr_scale
             if scale is not None:
                 put(module.get_parameter(weight), False, lr * scale, weight_decay)
