@@ -97,13 +97,14 @@ def _lattice(q: Quantizer, rows: torch.Tensor, where: str) -> _Lattice:
     """The integer lattice ``q`` quantizes ``rows`` (its row view of one weight) onto."""
     from stefx.ste.binary import BinaryQuantizer, _absmean
     from stefx.ste.lsq import LSQQuantizer
-    from stefx.ste.ternary import TWN_DELTA_FACTOR, TernaryQuantizer
-    from stefx.ste.uniform import UniformQuantizer
+    from stefx.ste.ternary import TWN_DELTA_FACTOR, TernaryQuantizer, twn_alpha
+    from stefx.ste.uniform import UniformQuantizer, stored_scale
 
     s = q.spec
     if type(q) is UniformQuantizer:
         scale, zero = q.qparams(rows)
         qmin, qmax = code_range(s.num_bits, s.symmetric)
+        scale = stored_scale(scale, s.options["scale_dtype"])
         return _Lattice(scale, None if s.symmetric else zero, qmin, qmax)
     if type(q) is LSQQuantizer:
         return _Lattice(q.scale.detach().float().clamp_min(1e-12), None, q.qmin, q.qmax)
@@ -114,13 +115,12 @@ def _lattice(q: Quantizer, rows: torch.Tensor, where: str) -> _Lattice:
             return _Lattice(torch.ones(rows.shape[0], dtype=rows.dtype), None, -1, 1)
         return _Lattice(_absmean(rows), None, -1, 1)
     if type(q) is TernaryQuantizer and s.scale in ("absmean", "twn"):
-        w = wide(rows)
-        mag = w.abs()
+        mag = wide(rows).abs()
         if s.scale == "absmean":
-            return _Lattice(mag.mean(dim=1), None, -1, 1)
-        keep = mag > TWN_DELTA_FACTOR * mag.mean(dim=1, keepdim=True)
-        alpha = (mag * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
-        return _Lattice(alpha, None, -1, 1)
+            a = mag.mean(dim=1)
+        else:
+            a = twn_alpha(mag, mag > TWN_DELTA_FACTOR * mag.mean(dim=1, keepdim=True))[:, 0]
+        return _Lattice(stored_scale(a, s.options["scale_dtype"]), None, -1, 1)
     raise ConvertError(
         f"{where}: a {s.type} quantizer (scale {s.scale!r}) has no integer lattice stefx can "
         "pack yet (convertible: uniform, lsq, binary, ternary absmean/twn); keep this layer "

@@ -233,6 +233,9 @@ class Scratch:
     def round(self):
         return self._apply("round")
 
+    def floor(self):
+        return self._apply("floor")
+
     def sign(self):
         return self._apply("sign")
 

@@ -1,8 +1,12 @@
 """``ternary``: weights on three levels {-a, 0, +a} per scale group, three ways to find a.
 
 A ternary code carries log2(3) ≈ 1.58 bits; stefx stores it in 2 bits, so ``bits`` (what
-the profiler counts) is 2 and ``levels`` is 3. Strategies: ``tensor`` (one scale) or
-``channel`` (one per output channel, axis 0). Backward (``estimator: ste``, the only
+the profiler counts) is 2 and ``levels`` is 3. Strategies: ``tensor`` (one scale),
+``channel`` (one per output channel, axis 0) or ``group`` (runs of ``group_size`` along the
+input, as GGUF's ``TQ2_0`` stores one scale per 256 weights). The option ``scale_dtype``
+(``float32`` default, ``float16``, ``bfloat16``) rounds the scale a to that type before it
+multiplies the codes (the codes still come from the fp32 scale), for formats that store
+it so (``TQ2_0``: fp16). Backward (``estimator: ste``, the only
 one) is each method's own straight-through estimator, given below.
 
 ``scale: absmean`` (default; BitNet b1.58, Ma et al., arXiv:2402.17764)::
@@ -70,38 +74,45 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from stefx.errors import RecipeError
 from stefx.ste import ops
 from stefx.ste.base import Quantizer
 from stefx.ste.functions import wide
 from stefx.ste.seq import TERNARY_GRID, check_eps, init_alpha, seq_forward
 from stefx.ste.spec import register_quantizer
+from stefx.ste.uniform import SCALE_DTYPES, stored_scale
 
 __all__ = ["TernaryQuantizer", "absmean_ternary", "ternarize", "twn_ternary"]
 
 TWN_DELTA_FACTOR = 0.7
 
 
-def absmean_ternary(rows: torch.Tensor, eps: float) -> torch.Tensor:
+def absmean_ternary(rows: torch.Tensor, eps: float, scale_dtype: str = "float32") -> torch.Tensor:
     """BitNet b1.58 forward on rows (G, N): RoundClip(W/(γ+ε), -1, 1)·γ, γ = mean|W|."""
     w = wide(rows)
     gamma = w.abs().mean(dim=1, keepdim=True)
     codes = ops.Scratch(w / (gamma + eps)).round().clamp(-1.0, 1.0).add(0.0)  # -0 -> +0
-    return codes.mul(gamma).t.to(rows.dtype)
+    return codes.mul(stored_scale(gamma, scale_dtype)).t.to(rows.dtype)
 
 
-def twn_ternary(rows: torch.Tensor) -> torch.Tensor:
+def twn_alpha(mag: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """TWN's α per row: the mean of the kept magnitudes (0 where none is kept)."""
+    return (mag * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def twn_ternary(rows: torch.Tensor, scale_dtype: str = "float32") -> torch.Tensor:
     """TWN forward on rows (G, N): α·sign(W)·1{|W| > Δ}, Δ = 0.7·mean|W|."""
     w = wide(rows)
     mag = w.abs()
     delta = TWN_DELTA_FACTOR * mag.mean(dim=1, keepdim=True)
     keep = mag > delta
-    alpha = (mag * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp(min=1)
+    alpha = stored_scale(twn_alpha(mag, keep), scale_dtype)
     # delta·0 is 0 for a finite Δ and NaN for a non-finite one (see the module docstring).
     y = torch.where(keep, alpha * torch.sign(w), delta * 0.0)
     return y.to(rows.dtype)
 
 
-def _ternarize_fake(x, method, eps, strategy, axis, strength):
+def _ternarize_fake(x, method, eps, strategy, axis, group_size, scale_dtype, strength):
     return ops.fake_rows_output(x)
 
 
@@ -111,7 +122,7 @@ def _ternarize_setup(ctx, inputs, output):
 
 def _ternarize_backward(ctx, grad):
     # identity STE: dL/dW = dL/dy, and the λ mix x + λ(q - x) has slope 1 as well
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 @ops.define(
@@ -126,13 +137,18 @@ def ternarize(
     eps: float,
     strategy: str,
     axis: int | None,
+    group_size: int | None,
+    scale_dtype: str,
     strength: torch.Tensor | None,
 ) -> torch.Tensor:
     """Ternary weights by ``method`` ``absmean`` or ``twn`` per scale group, with the
     identity STE (``torch.ops.stefx.ternarize``); nothing is saved for the backward."""
-    gran = ops.granularity(strategy, axis, None)
+    gran = ops.granularity(strategy, axis, group_size)
     rows = gran.rows(x)
-    y = absmean_ternary(rows, eps) if method == "absmean" else twn_ternary(rows)
+    if method == "absmean":
+        y = absmean_ternary(rows, eps, scale_dtype)
+    else:
+        y = twn_ternary(rows, scale_dtype)
     return ops.from_rows(gran, ops.mix(rows, y, strength), x)
 
 
@@ -142,19 +158,29 @@ class TernaryQuantizer(Quantizer):
 
     bits_choices = (2,)
     levels: ClassVar[int] = 3
-    strategies = ("tensor", "channel", "token")
+    strategies = ("tensor", "channel", "token", "group")
     scales = ("absmean", "twn", "seq")
     estimators = ("ste",)
-    options = MappingProxyType({"eps": 1e-5})
+    options = MappingProxyType({"eps": 1e-5, "scale_dtype": "float32"})
     mixes_strength = True
 
     @classmethod
     def check_options(cls, options, where):
         check_eps(options, where)
+        if options["scale_dtype"] not in SCALE_DTYPES:
+            raise RecipeError(
+                f"{where}: scale_dtype={options['scale_dtype']!r} is invalid; choose one of "
+                f"{list(SCALE_DTYPES)}"
+            )
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
         self.eps = self.spec.options["eps"]
+        if self.spec.scale == "seq" and self.spec.options["scale_dtype"] != "float32":
+            raise RecipeError(
+                f"ternary: scale_dtype={self.spec.options['scale_dtype']!r} applies to the "
+                "absmean and twn scales; scale: seq learns an fp32 α, drop scale_dtype"
+            )
         if self.spec.scale == "seq":
             self.alpha = nn.Parameter(torch.empty(0))
 
@@ -170,7 +196,16 @@ class TernaryQuantizer(Quantizer):
         if self.spec.scale == "seq":
             return seq_forward(self, x, TERNARY_GRID)
         s = self.spec
-        return ternarize(x, s.scale, self.eps, s.strategy, s.axis, self.strength_arg())
+        return ternarize(
+            x,
+            s.scale,
+            self.eps,
+            s.strategy,
+            s.axis,
+            s.group_size,
+            s.options["scale_dtype"],
+            self.strength_arg(),
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.spec.scale == "seq":

@@ -8,7 +8,20 @@ Forward, per scale group (see :mod:`stefx.ste.granularity`)::
 - symmetric (``scale: absmax``): codes in [-2^(b-1), 2^(b-1) - 1], s = max|x| / (2^(b-1) - 1),
   z = 0;
 - asymmetric (``scale: minmax``): codes in [0, 2^b - 1], s = (max(x,0) - min(x,0)) / (2^b - 1),
-  z = round(-min(x,0) / s), so that 0 is exactly representable.
+  z = round(-min(x,0) / s), so that 0 is exactly representable;
+- sign-preserving (``scale: signed_absmax``, symmetric): s = m / -2^(b-1), m the element
+  of largest magnitude with its sign (the first, on a tie), so m lands on the lowest code
+  and all 2^b codes are used (llama.cpp's ``Q4_0``); a -m in the same group clamps to
+  2^(b-1) - 1.
+
+Two options fix the lattice to the last bit, for formats that store it so:
+
+- ``rounding``: ``half_even`` (default, ``torch.round``), ``half_away`` (C's ``roundf``, as
+  llama.cpp's ``Q8_0``), ``half_up`` (⌊v - qmin + ½⌋ + qmin in fp32, as ``Q4_0`` computes it);
+- ``scale_dtype``: ``float32`` (default), ``float16`` or ``bfloat16``: the scale that
+  multiplies the codes is rounded to it (codes still come from the fp32 scale, as
+  llama.cpp computes them), so the fake-quantized value is what a file with fp16 scales
+  dequantizes to.
 
 Backward (``estimator``): ``clipped`` (default) passes the gradient where the code was not
 clamped and zeroes it where it was, dy/dx = 1{qmin <= round(x/s)+z <= qmax}; ``identity``
@@ -31,6 +44,8 @@ would be all ones; a boolean mask (one byte per element) with frozen or min/max 
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 from torch import Tensor
 
@@ -40,9 +55,31 @@ from stefx.ste.base import Quantizer
 from stefx.ste.functions import wide
 from stefx.ste.spec import register_quantizer
 
-__all__ = ["UniformQuantizer", "code_range", "fake_quant", "minmax_qparams"]
+__all__ = ["UniformQuantizer", "code_range", "fake_quant", "minmax_qparams", "stored_scale"]
 
 _EPS = 1e-12
+ROUNDINGS = ("half_even", "half_away", "half_up")
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def stored_scale(scale: Tensor, scale_dtype: str) -> Tensor:
+    """The scale that multiplies the codes: ``scale`` (fp32) rounded to ``scale_dtype``."""
+    if scale_dtype == "float32":
+        return scale
+    return scale.to(SCALE_DTYPES[scale_dtype]).to(scale.dtype)
+
+
+def _round(codes: ops.Scratch, rounding: str, qmin: int) -> ops.Scratch:
+    """Round ``codes.t`` in place (eager) by ``rounding``; see the module docstring."""
+    if rounding == "half_even":
+        return codes.round()
+    v = codes.t
+    if rounding == "half_up":  # floor(v + (½ - qmin)) + qmin, the sum kept in fp32
+        return codes.add(0.5 - qmin).floor().add(qmin)
+    # half_away, exactly: |v| = f + r with f = ⌊|v|⌋; round up when 2r >= 1 (no v + ½ rounding)
+    a = v.abs()
+    f = a.floor()
+    return ops.Scratch(torch.sign(v) * (f + torch.floor(2 * (a - f))))
 
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -70,20 +107,41 @@ def minmax_qparams(
     return scale, zero
 
 
-def _row_qparams(rows: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+def _row_qparams(
+    rows: Tensor, bits: int, symmetric: bool, signed_max: bool = False
+) -> tuple[Tensor, Tensor]:
+    if signed_max:  # s = m / qmin, m the (first) element of largest magnitude, signed
+        m = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)).squeeze(1).float()
+        scale = m / code_range(bits, True)[0]
+        scale = torch.where(scale.abs() < _EPS, torch.full_like(scale, _EPS), scale)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
     # Two reductions, not torch.aminmax: on CPU its dim= path is 5-10x slower.
     return minmax_qparams(rows.amin(dim=1), rows.amax(dim=1), bits, symmetric)
 
 
-def _needs_mask(frozen: bool, symmetric: bool, clip: bool) -> bool:
+def _needs_mask(frozen: bool, symmetric: bool, clip: bool, signed_max: bool = False) -> bool:
     """Whether the clipping mask can differ from all-ones (see the module docstring)."""
-    return clip and (frozen or not symmetric)
+    return clip and (frozen or not symmetric or signed_max)
 
 
-def _fake(x, scale, zero_point, num_bits, symmetric, strategy, axis, group_size, clip, strength):
+def _fake(
+    x,
+    scale,
+    zero_point,
+    num_bits,
+    symmetric,
+    strategy,
+    axis,
+    group_size,
+    clip,
+    signed_max,
+    rounding,
+    scale_dtype,
+    strength,
+):
     g = ops.granularity(strategy, axis, group_size)
     y = ops.fake_rows_output(x)
-    if not _needs_mask(scale is not None, symmetric, clip) or x.numel() == 0:
+    if not _needs_mask(scale is not None, symmetric, clip, signed_max) or x.numel() == 0:
         return y, x.new_empty(0, dtype=torch.bool)
     return y, x.new_empty(g.rows_shape(x.shape), dtype=torch.bool)
 
@@ -100,7 +158,7 @@ def _backward(ctx, grad, _grad_mask):
     if mask is not None:
         gran = ctx.granularity
         g = gran.unrows(ops.apply_mask(gran.rows(g), mask), grad.shape)
-    return (ops.mix_input_grad(grad, g, strength), *(None,) * 9)
+    return (ops.mix_input_grad(grad, g, strength), *(None,) * 12)
 
 
 @ops.define("fake_quant", fake=_fake, setup_context=_setup, backward=_backward)
@@ -114,10 +172,14 @@ def fake_quant(
     axis: int | None,
     group_size: int | None,
     clip: bool,
+    signed_max: bool,
+    rounding: str,
+    scale_dtype: str,
     strength: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Uniform affine fake quantization; returns ``(y, mask)``, the mask empty when the
-    backward needs none. ``scale`` / ``zero_point`` None: absmax or min/max per group."""
+    backward needs none. ``scale`` / ``zero_point`` None: absmax (signed with
+    ``signed_max``) or min/max per group."""
     gran = ops.granularity(strategy, axis, group_size)
     rows = gran.rows(x)
     if x.numel() == 0:
@@ -125,25 +187,25 @@ def fake_quant(
     qmin, qmax = code_range(num_bits, symmetric)
     frozen = scale is not None
     if not frozen:
-        scale, zero_point = _row_qparams(rows, num_bits, symmetric)
+        scale, zero_point = _row_qparams(rows, num_bits, symmetric, signed_max)
     s = scale.unsqueeze(1)
     # (clamp(round(x · (1/s)) + z, qmin, qmax) - z) · s, as torch.fake_quantize_* computes it
-    codes = ops.Scratch(wide(rows) * s.reciprocal()).round()
+    codes = _round(ops.Scratch(wide(rows) * s.reciprocal()), rounding, qmin)
     z = None
     if not symmetric:  # symmetric codes have z = 0
         z = zero_point.unsqueeze(1).to(codes.t.dtype)
         codes.add(z)
-    if _needs_mask(frozen, symmetric, clip):
+    if _needs_mask(frozen, symmetric, clip, signed_max):
         mask = ops.Scratch(codes.t >= qmin).logical_and(codes.t <= qmax).t
     else:
         mask = x.new_empty(0, dtype=torch.bool)
-    if frozen or not symmetric:
+    if frozen or not symmetric or signed_max:
         # (a symmetric absmax scale of this very call maps every |x| to at most
         # qmax·(1 + ε), which rounds to qmax: the clamp would be a pass that changes nothing)
         codes.clamp(qmin, qmax)
     if z is not None:
         codes.sub(z)
-    y = codes.mul(s).t.to(x.dtype)
+    y = codes.mul(stored_scale(s, scale_dtype)).t.to(x.dtype)
     y = ops.mix(rows, y, strength)
     return ops.from_rows(gran, y, x), mask
 
@@ -153,10 +215,19 @@ class UniformQuantizer(Quantizer):
     bits_choices = (2, 3, 4, 5, 6, 7, 8, 16)
     default_bits = 8
     strategies = ("tensor", "channel", "group", "token")
-    scales = ("absmax", "minmax")
+    scales = ("absmax", "minmax", "signed_absmax")
     estimators = ("clipped", "identity")
+    options = MappingProxyType({"rounding": "half_even", "scale_dtype": "float32"})
     allows_asymmetric = True
     mixes_strength = True
+
+    @classmethod
+    def check_options(cls, options, where: str) -> None:
+        for key, choices in (("rounding", ROUNDINGS), ("scale_dtype", tuple(SCALE_DTYPES))):
+            if options[key] not in choices:
+                raise RecipeError(
+                    f"{where}: {key}={options[key]!r} is invalid; choose one of {list(choices)}"
+                )
 
     @classmethod
     def default_scale(cls, symmetric: bool) -> str:
@@ -167,7 +238,7 @@ class UniformQuantizer(Quantizer):
         # The scale rule *is* the range choice: absmax gives signed codes around zero,
         # minmax an unsigned range with a zero point. Refuse contradictions, not guess.
         wanted = "absmax" if symmetric else "minmax"
-        if scale != wanted:
+        if scale != wanted and not (symmetric and scale == "signed_absmax"):
             raise RecipeError(
                 f"{where}: scale={scale!r} contradicts symmetric={symmetric}; "
                 f"use scale: {wanted} (or symmetric: {str(not symmetric).lower()})"
@@ -188,7 +259,11 @@ class UniformQuantizer(Quantizer):
         if self.frozen:
             return self.scale, self.zero_point
         with torch.no_grad():
-            return _row_qparams(rows, self.bits, self.spec.symmetric)
+            return _row_qparams(rows, self.bits, self.spec.symmetric, self._signed_max)
+
+    @property
+    def _signed_max(self) -> bool:
+        return self.spec.scale == "signed_absmax"
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
@@ -203,6 +278,9 @@ class UniformQuantizer(Quantizer):
             s.axis,
             s.group_size,
             s.estimator == "clipped",
+            self._signed_max,
+            s.options["rounding"],
+            s.options["scale_dtype"],
             self.strength_arg(),
         )
         return y
