@@ -1,30 +1,5 @@
-"""Export a stefx-quantized model to a format another runtime loads.
-
-``stefx.export(qmodel, path, format=...)``. Each format writes what its consumer reads,
-from the packed weights :func:`stefx.convert` makes (a copy is converted; the model passed
-is left as it is), so the consumer computes with exactly the weights stefx trained; a
-layer whose lattice the format cannot hold is refused, naming the layer, the mismatch and
-the preset that fits, never re-quantized behind the user's back.
-
-- ``"compressed-tensors"``: a Hugging Face folder in the ``pack-quantized`` format (what
-  vLLM serves; ``transformers`` loads it with the ``compressed-tensors`` package
-  installed): 4- or 8-bit integer weights of ``nn.Linear`` layers, per output channel or in
-  groups along the input (a width the group size divides), symmetric or with a zero point,
-  weights only (``w4a16-g128`` is its lattice). Symmetric weights load as the format's
-  compressed modules; for a zero point, compressed-tensors 0.20 builds its meta skeleton
-  with the zero point unpacked and then expects it packed, so load those with
-  ``from_pretrained(path, quantization_config=CompressedTensorsConfig(dequantize=True))``.
-
-- ``"hf-bitnet"``: a Hugging Face folder in transformers' own BitNet format
-  (``quant_method: bitnet``, offline packed ternary ``BitLinear`` weights, four 2-bit codes
-  per byte, one scale per tensor, 8-bit per-token activations), which ``from_pretrained``
-  loads with no extra package: the lattice of ``bitnet-b158``. transformers computes
-  ``linear(round(x·127/max|x|), codes) / (127/max|x| · 1/γ)`` where stefx computes
-  ``linear(round(x/(max|x|/127))·max|x|/127, codes·γ)``: the same lattice, rounded in
-  another order, so logits agree to float tolerance rather than bit for bit.
-
-GGUF and ONNX are not written yet.
-"""
+"""The two Hugging Face folder formats: compressed-tensors ``pack-quantized`` and
+transformers' own BitNet (see :mod:`stefx.export`)."""
 
 from __future__ import annotations
 
@@ -36,27 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stefx.convert import ConvertError, PackedWeight, packed_weights
+from stefx.convert import ConvertError, PackedWeight
+from stefx.export.common import converted_copy, signed_codes, write_folder
 
-__all__ = ["FORMATS", "export"]
-
-FORMATS = ("compressed-tensors", "hf-bitnet")
-_LATER = ("gguf", "onnx")
-
-
-def export(model: nn.Module, path: str | Path, format: str) -> Path:
-    """Write ``model`` (quantized by :func:`stefx.quantize`, converted or not) to ``path``
-    in ``format``; returns the path. Raises :class:`~stefx.convert.ConvertError` for a layer
-    the format cannot hold (nothing is written)."""
-    if format in _LATER:
-        raise ConvertError(
-            f"export: format {format!r} is not implemented yet; formats: {', '.join(FORMATS)}"
-        )
-    if format not in FORMATS:
-        raise ConvertError(f"export: unknown format {format!r}; choose one of {FORMATS}")
-    if format == "hf-bitnet":
-        return _hf_bitnet(model, Path(path))
-    return _compressed_tensors(model, Path(path))
+__all__ = ["write_bitnet", "write_compressed_tensors"]
 
 
 def _ct_scheme(name: str, module: nn.Module, packed: PackedWeight) -> dict:
@@ -99,7 +57,7 @@ def _ct_scheme(name: str, module: nn.Module, packed: PackedWeight) -> dict:
     return args
 
 
-def _compressed_tensors(model: nn.Module, path: Path) -> Path:
+def write_compressed_tensors(model: nn.Module, path: Path) -> Path:
     try:
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     except ImportError:
@@ -107,12 +65,12 @@ def _compressed_tensors(model: nn.Module, path: Path) -> Path:
             "export compressed-tensors: the compressed-tensors package is not installed; "
             "pip install 'stefx[export]'"
         ) from None
-    work, layers, tensors = _converted_copy(model, "compressed-tensors")
+    work, layers, tensors = converted_copy(model, "compressed-tensors")
     schemes = {name: _ct_scheme(name, m, pw) for name, (m, pw) in layers.items()}
     for name, (_, packed) in layers.items():
         prefix = name.rpartition(".")[0]
         bits, shift = packed.spec.num_bits, 2 ** (packed.spec.num_bits - 1)
-        tensors[f"{prefix}.weight_packed"] = pack_to_int32(_signed_codes(packed), bits)
+        tensors[f"{prefix}.weight_packed"] = pack_to_int32(signed_codes(packed), bits)
         groups = packed.scale.numel() // packed.weight_shape[0]
         tensors[f"{prefix}.weight_scale"] = packed.scale.reshape(-1, groups).to(packed.weight_dtype)
         tensors[f"{prefix}.weight_shape"] = torch.tensor(list(packed.weight_shape))
@@ -139,59 +97,15 @@ def _compressed_tensors(model: nn.Module, path: Path) -> Path:
         },
         "ignore": [n for n in linear if n not in packed_modules],
     }
-    return _write(work, config, tensors, path)
+    return write_folder(work, config, tensors, path)
 
 
-def _converted_copy(model: nn.Module, fmt: str):
-    """A converted copy of ``model``'s HF model, its packed layers, and its state dict
-    without stefx's quantizer entries."""
-    import stefx
-    from stefx.api import target_of
-    from stefx.ste.base import Quantizer
-
-    if not isinstance(model, nn.Module):
-        raise ConvertError(f"export {fmt}: model={type(model).__name__} is not a torch.nn.Module")
-    base = target_of(model)
-    if not hasattr(base, "config") or not hasattr(base, "save_pretrained"):
-        raise ConvertError(
-            f"export {fmt}: {type(base).__name__} is not a Hugging Face model; the format is "
-            "a transformers checkpoint folder"
-        )
-    work = copy.deepcopy(base)
-    if not packed_weights(work):
-        stefx.convert(work)
-    quantizer_paths = {n for n, m in work.named_modules() if isinstance(m, Quantizer)}
-    tensors = {
-        k: v for k, v in work.state_dict().items() if k.rpartition(".")[0] not in quantizer_paths
-    }
-    return work, packed_weights(work), tensors
-
-
-def _write(work: nn.Module, config, tensors: dict[str, torch.Tensor], path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    tied = _tied_keys(work)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        config.save_pretrained(path)
-        if getattr(work, "generation_config", None) is not None:
-            work.generation_config.save_pretrained(path)
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items() if k not in tied},
-            str(path / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
-    except OSError as e:
-        raise ConvertError(f"export: cannot write the folder {str(path)!r}: {e}") from None
-    return path
-
-
-def _hf_bitnet(model: nn.Module, path: Path) -> Path:
+def write_bitnet(model: nn.Module, path: Path) -> Path:
     from transformers.integrations.bitnet import pack_weights
 
     from stefx.rewrite import STATE_ATTR
 
-    work, layers, tensors = _converted_copy(model, "hf-bitnet")
+    work, layers, tensors = converted_copy(model, "hf-bitnet")
     fits = "bitnet-b158"
     packed_modules = {}
     for name, (module, packed) in layers.items():
@@ -219,7 +133,7 @@ def _hf_bitnet(model: nn.Module, path: Path) -> Path:
         if problem:
             raise ConvertError(f"export hf-bitnet: {name}: {problem}; the preset that fits: {fits}")
         prefix = name.rpartition(".")[0]
-        tensors[f"{prefix}.weight"] = pack_weights(_signed_codes(packed))  # ternary: -1..1
+        tensors[f"{prefix}.weight"] = pack_weights(signed_codes(packed))  # ternary: -1..1
         gamma = packed.scale.reshape(())
         safe = gamma if gamma > 0 else torch.ones_like(gamma)
         tensors[f"{prefix}.weight_scale"] = (1.0 / safe).reshape(1).to(packed.weight_dtype)
@@ -232,26 +146,4 @@ def _hf_bitnet(model: nn.Module, path: Path) -> Path:
         "quantization_mode": "offline",
         "modules_to_not_convert": [n for n in linear if n not in packed_modules],
     }
-    return _write(work, config, tensors, path)
-
-
-def _signed_codes(packed: PackedWeight) -> torch.Tensor:
-    """The layer's codes as int8; an unsigned asymmetric range [0, 2^b - 1] moves to the
-    signed [-2^(b-1), 2^(b-1) - 1] compressed-tensors stores (its zero point moves alike,
-    so code - zero is unchanged)."""
-    codes = packed.int_codes()
-    if packed.zero_point is not None:
-        codes = codes - 2 ** (packed.spec.num_bits - 1)
-    return codes.to(torch.int8)
-
-
-def _tied_keys(model: nn.Module) -> set[str]:
-    """State-dict keys transformers re-ties on load (lm_head.weight = embed_tokens.weight)."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return set()
-    out = model.get_output_embeddings()
-    inp = model.get_input_embeddings()
-    if out is None or inp is None or out.weight is not inp.weight:
-        return set()
-    names = {id(m): n for n, m in model.named_modules()}
-    return {f"{names[id(out)]}.weight"}
+    return write_folder(work, config, tensors, path)
