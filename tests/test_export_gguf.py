@@ -86,7 +86,7 @@ def test_ternary_blocks_of_256_with_fp16_scales_are_tq2_0_and_tq1_0_exactly():
     w = _hard_weights()
     fake = make_quantizer(_weights("gguf-tq2_0"))(w)
     rows = fake.reshape(-1, 256)
-    for row, src in zip(rows, w.reshape(-1, 256)):
+    for row, src in zip(rows, w.reshape(-1, 256), strict=True):
         levels = row.unique()
         assert len(levels) <= 3
         gamma = src.abs().mean()
@@ -184,7 +184,7 @@ def test_refusals_name_the_layer_the_mismatch_and_the_fix(tmp_path):
                    "weights": _weights("gguf-q4_0"),
                    "input_activations": {"type": "uniform", "num_bits": 4}}],
     }  # fmt: skip
-    with pytest.raises(ConvertError, match="4-bit uniform activations; llama.cpp computes 8-bit"):
+    with pytest.raises(ConvertError, match=r"4-bit uniform activations; llama\.cpp computes 8-bit"):
         stefx.export(stefx.quantize(_llama(), a4, report=False), tmp_path / "c.gguf", "gguf")
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2))
     with pytest.raises(ConvertError, match="GPT2LMHeadModel is not a model the GGUF writer maps"):

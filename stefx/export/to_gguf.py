@@ -120,7 +120,9 @@ def write_gguf(
         )
     tensors, report = _tensors(work, plan, cfg, ternary.upper(), float_type, gguf)
     if report:
-        lines = [f"{k}: -> {t}, max |Δ| {e:.3g}, rel. RMS {r:.3g}" for k, (t, e, r) in report.items()]
+        lines = [
+            f"{k}: -> {t}, max |Δ| {e:.3g}, rel. RMS {r:.3g}" for k, (t, e, r) in report.items()
+        ]
         warnings.warn(
             "export gguf: strict=False re-quantized " + "; ".join(lines),
             WarnRequantized,
@@ -221,9 +223,7 @@ def _plan(work: nn.Module, ternary: str) -> tuple[dict, list[str]]:
             if not q.enabled:
                 continue
             name = f"{fqn}.{p}"
-            shape = (
-                q.weight_shape if isinstance(q, PackedWeight) else module.get_parameter(p).shape
-            )
+            shape = q.weight_shape if isinstance(q, PackedWeight) else module.get_parameter(p).shape
             target = _target(q.spec, ternary)
             problem = _lattice_problem(q.spec, shape, module, state, GGUF_TYPES[target], target)
             if problem is None and (state.call_weights or state.fold.get(p)):
@@ -324,7 +324,7 @@ def _tensors(work, plan, cfg, ternary, float_type, gguf):
                 arr = gguf.quants.quantize(fake.numpy(), getattr(qtype, kind))
             back = _dequantize(arr, kind, fake.shape, gguf)
             err = (back - fake).abs().max().item()
-            rel = ((back - fake).pow(2).mean().sqrt() / fake.pow(2).mean().sqrt().clamp_min(1e-30))
+            rel = (back - fake).pow(2).mean().sqrt() / fake.pow(2).mean().sqrt().clamp_min(1e-30)
             report[name] = (kind, err, rel.item())
             codes = None
         perm = _permutation(name, (expected if exact else fake).shape[0], cfg)
