@@ -211,3 +211,30 @@ def test_tq1_0_f32_floats_tied_embeddings_and_a_converted_model(tmp_path):
     assert path.stat().st_size < 0.3 * sum(
         v.numel() * 4 for v in _llama(tie=True).state_dict().values()
     )
+
+
+@pytest.mark.slow
+def test_llama_cpp_loads_the_file_and_computes_what_stefx_computes(tmp_path):
+    """llama-cpp-python builds from source (about an hour on 2 cores): not in CI's install."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = _llama(layers=2)
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(5))
+
+    def run(path):
+        llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False
+        )
+        llm.eval(ids[0].tolist())
+        return torch.from_numpy(np.array(llm.scores[:32], np.float32))
+
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0]
+    got = run(stefx.export(model, tmp_path / "f32.gguf", format="gguf", float_type="f32"))
+    assert (got - want).abs().max() < 2e-3  # names, layout and Q/K permutation are right
+    for preset in ("gguf-q8_0", "gguf-q4_0", "gguf-tq2_0"):
+        q = stefx.quantize(copy.deepcopy(model), preset, report=False).eval()
+        with torch.no_grad():
+            want = q(input_ids=ids).logits[0]
+        got = run(stefx.export(q, tmp_path / f"{preset}.gguf", format="gguf", float_type="f32"))
+        # activation codes flip where upstream floats differ by an ulp (F16 KV cache): ~1%
+        assert (got - want).abs().max() < 0.03 * want.abs().max(), preset

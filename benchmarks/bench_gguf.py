@@ -1,0 +1,231 @@
+"""GGUF export of a byte-level Llama trained on real text: size, quality, and llama.cpp.
+
+A Llama (hidden 256, 4 layers, MLP 768, byte vocabulary: rows of 256, so every block type
+fits) is trained in float on ``pydoc_data.topics``; float gets the same extra steps as
+QAT. Then for each GGUF preset: QAT, convert, ``stefx.export(format="gguf")``. Per preset:
+the file's size and bits per weight of the quantized tensors (scales included), held-out
+per-byte perplexity of float, fake-quant, converted, and of the file's own weights
+(``gguf.quants.dequantize`` loaded back into the model: what any GGUF reader gets), and,
+when ``llama_cpp`` (llama-cpp-python) is importable, of the file run by llama.cpp, with
+its logits against stefx's (max |Δ|, top-1 agreement) and its speed and memory against
+llama.cpp's run of the float model's own F32 and F16 exports.
+
+    python benchmarks/bench_gguf.py              # ~12 min on 2 cores (more with llama.cpp)
+    python benchmarks/bench_gguf.py --float-steps 300 --qat-steps 50 --presets gguf-q8_0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import stefx
+from stefx.demo import corpus, held_out_loss
+
+PRESETS = ["gguf-q8_0", "gguf-q4_0", "gguf-tq2_0"]
+SEQ = 128
+
+
+def build(seed: int = 0):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def file_weights(path: Path, model) -> dict[str, torch.Tensor]:
+    """The file's tensors, dequantized by the gguf package, under the model's names."""
+    import gguf
+
+    from stefx.export.to_gguf import _gguf_name, _permutation
+
+    names = {_gguf_name(k): k for k in model.state_dict() if not _is_quantizer(k)}
+    out = {}
+    for t in gguf.GGUFReader(path).tensors:
+        shape = tuple(int(s) for s in reversed(t.shape))
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32))
+        key = names[t.name]
+        w = w.reshape(shape)
+        perm = _permutation(key, shape[0], model.config)
+        if perm is not None:
+            w = w[torch.argsort(perm)]
+        out[key] = w
+    return out
+
+
+def _is_quantizer(key: str) -> bool:
+    return "_quantizer." in key or key.endswith("_quantizer")
+
+
+def _bits_per_weight(path: Path) -> float:
+    import gguf
+
+    stored = numel = 0
+    for t in gguf.GGUFReader(path).tensors:
+        if t.tensor_type.name in ("Q8_0", "Q4_0", "TQ2_0", "TQ1_0"):
+            stored += int(t.n_bytes)
+            numel += int(t.n_elements)
+    return stored * 8 / numel
+
+
+@torch.no_grad()
+def _logits(model, data, windows: int) -> torch.Tensor:
+    model.eval()
+    xs = data[: windows * SEQ].view(windows, SEQ)
+    return torch.cat([model(input_ids=x[None]).logits[0] for x in xs])
+
+
+def _ppl_from_logits(logits: torch.Tensor, data, windows: int) -> float:
+    xs = data[: windows * SEQ].view(windows, SEQ)
+    lg = logits.view(windows, SEQ, -1)[:, :-1]
+    loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), xs[:, 1:].reshape(-1))
+    return math.exp(loss.item())
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def llama_cpp_run(path: Path, data, windows: int, threads: int, repeats: int = 3):
+    """llama.cpp's logits over ``windows`` windows (each from an empty context), its
+    prompt-processing and generation speed (tokens/s, median of ``repeats``), and the
+    resident memory its model load added (MB)."""
+    import llama_cpp
+
+    before = _rss_mb()
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=SEQ * 2, n_batch=SEQ, logits_all=True,
+        n_threads=threads, n_threads_batch=threads, verbose=False,
+    )  # fmt: skip
+    loaded = _rss_mb() - before
+    xs = data[: windows * SEQ].view(windows, SEQ)
+    logits = []
+    for x in xs:
+        llm.reset()
+        llm.eval(x.tolist())
+        logits.append(torch.from_numpy(np.array(llm.scores[:SEQ], np.float32)))
+    prompt, gen = [], []
+    for _ in range(repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(xs[0].tolist())
+        prompt.append(SEQ / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for tok in xs[1, :32].tolist():
+            llm.eval([tok])
+        gen.append(32 / (time.perf_counter() - t0))
+    del llm
+    return torch.cat(logits), statistics.median(prompt), statistics.median(gen), loaded
+
+
+def main(argv: list[str] | None = None) -> None:
+    import bench_quality_lm as lm
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--float-steps", type=int, default=800)
+    parser.add_argument("--qat-steps", type=int, default=200)
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows of 128 bytes")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        import llama_cpp  # noqa: F401
+
+        have_llama = True
+    except ImportError:
+        have_llama = False
+    data = corpus()
+    split = data.numel() * 9 // 10
+    train, val = data[:split], data[split:]
+    t0 = time.perf_counter()
+    base = lm.train(build(0), train, args.float_steps, 3e-3, SEQ, 0)
+    tmp = Path(tempfile.mkdtemp())
+    ref = lm.train(copy.deepcopy(base), train, args.qat_steps, 3e-4, SEQ, 1000).eval()
+    ppl_float = math.exp(held_out_loss(ref, val, SEQ, args.windows))
+    print(f"float ({args.float_steps} + {args.qat_steps} steps, {time.perf_counter() - t0:.0f} s):"
+          f" ppl {ppl_float:.3f}")  # fmt: skip
+    rows, speed = [], []
+    if have_llama:
+        floats = {}
+        for ft in ("f32", "f16"):
+            # the float model's own GGUF (a model without quantizers exports as floats)
+            path = tmp / f"float-{ft}.gguf"
+            floats[ft] = stefx.export(ref, path, format="gguf", float_type=ft)
+            logits, pp, tg, mem = llama_cpp_run(path, val, args.windows, args.threads)
+            speed.append((f"float {ft.upper()}", path.stat().st_size, pp, tg, mem))
+    for preset in args.presets.split(","):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = stefx.quantize(copy.deepcopy(base), preset, report=False)
+        lm.train(q, train, args.qat_steps, 3e-4, SEQ, 1000)
+        q.eval()
+        fake_logits = _logits(q, val, args.windows)
+        ppl_fake = _ppl_from_logits(fake_logits, val, args.windows)
+        conv = stefx.convert(copy.deepcopy(q))
+        ppl_conv = math.exp(held_out_loss(conv, val, SEQ, args.windows))
+        path = stefx.export(q, tmp / f"{preset}.gguf", format="gguf")
+        back = copy.deepcopy(ref)  # the file's weights in a float model (activations float)
+        back.load_state_dict(file_weights(path, q), strict=False)
+        ppl_file = math.exp(held_out_loss(back, val, SEQ, args.windows))
+        row = {
+            "preset": preset,
+            "size": path.stat().st_size,
+            "bpw": _bits_per_weight(path),
+            "fake": ppl_fake,
+            "conv": ppl_conv,
+            "file": ppl_file,
+        }
+        if have_llama:
+            logits, pp, tg, mem = llama_cpp_run(path, val, args.windows, args.threads)
+            row["llama"] = _ppl_from_logits(logits, val, args.windows)
+            row["diff"] = (logits - fake_logits).abs().max().item()
+            row["top1"] = (logits.argmax(-1) == fake_logits.argmax(-1)).float().mean().item()
+            speed.append((preset, path.stat().st_size, pp, tg, mem))
+        rows.append(row)
+    print(f"\nheld-out per-byte perplexity over {args.windows} windows of {SEQ} bytes "
+          f"(float: {ppl_float:.3f})\n")  # fmt: skip
+    head = "| preset | file (kB) | bits/weight | ppl fake-quant | ppl converted | ppl file |"
+    if have_llama:
+        head += " ppl llama.cpp | max abs logit diff vs stefx | top-1 agreement |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        line = (f"| {r['preset']} | {r['size'] / 1e3:.0f} | {r['bpw']:.3f} | {r['fake']:.3f} | "
+                f"{r['conv']:.3f} | {r['file']:.3f} |")  # fmt: skip
+        if have_llama:
+            line += f" {r['llama']:.3f} | {r['diff']:.3g} | {r['top1'] * 100:.2f}% |"
+        print(line)
+    if not have_llama:
+        print("\nllama_cpp is not importable: no llama.cpp figures (pip install llama-cpp-python)")
+        return
+    print(f"\nllama.cpp on {args.threads} threads, median of 3: prompt {SEQ} tokens, then 32 "
+          "tokens one at a time\n")  # fmt: skip
+    print("| file | size (kB) | prompt tok/s | generation tok/s | RSS added by load (MB) |")
+    print("|---|---|---|---|---|")
+    for name, size, pp, tg, mem in speed:
+        print(f"| {name} | {size / 1e3:.0f} | {pp:.0f} | {tg:.0f} | {mem:.1f} |")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
