@@ -57,7 +57,7 @@ __all__ = ["GGUF_TYPES", "write_gguf"]
 
 #: stefx lattice -> GGML type name, and each type's block size
 GGUF_TYPES = {"Q8_0": 32, "Q4_0": 32, "TQ2_0": 256, "TQ1_0": 256}
-_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "MixtralForCausalLM": "llama"}
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
@@ -68,6 +68,8 @@ _LAYER_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",  # a MoE router
+    "mlp.experts": "",  # fused experts: see _split
 }
 _TOP_NAMES = {
     "model.embed_tokens": "token_embd",
@@ -155,16 +157,34 @@ def _check_config(cfg) -> None:
 
 
 def _gguf_name(key: str) -> str:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``."""
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``; fused
+    experts ``model.layers.3.mlp.experts.down_proj`` -> ``blk.3.ffn_down_exps.weight``
+    (``gate_up_proj`` -> ``blk.3.ffn_gate_up_exps.weight``, split by :func:`_split`)."""
     module, _, leaf = key.rpartition(".")
     if module in _TOP_NAMES:
         return f"{_TOP_NAMES[module]}.{leaf}"
     parts = module.split(".")
     if parts[:2] == ["model", "layers"] and len(parts) > 3:
         inner = ".".join(parts[3:])
-        if inner in _LAYER_NAMES:
+        if inner == "mlp.experts" and leaf in ("gate_up_proj", "down_proj"):
+            return f"blk.{parts[2]}.ffn_{leaf[:-5]}_exps.weight"
+        if _LAYER_NAMES.get(inner):
             return f"blk.{parts[2]}.{_LAYER_NAMES[inner]}.{leaf}"
     raise ConvertError(f"export gguf: tensor {key!r} has no name in llama.cpp's llama layout")
+
+
+def _split(name: str, arr: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Fused ``gate_up`` experts [E, 2·I, ...] -> llama.cpp's ``ffn_gate_exps`` and
+    ``ffn_up_exps`` [E, I, ...] (transformers computes ``gate, up = chunk(2)``: gate first);
+    whole rows move, so blocks are unchanged."""
+    if not name.endswith("ffn_gate_up_exps.weight"):
+        return [(name, arr)]
+    half = arr.shape[1] // 2
+    prefix = name.removesuffix("gate_up_exps.weight")
+    return [
+        (f"{prefix}gate_exps.weight", arr[:, :half]),
+        (f"{prefix}up_exps.weight", arr[:, half:]),
+    ]
 
 
 def _target(spec, ternary: str) -> str:
@@ -186,8 +206,11 @@ def _lattice_problem(spec, shape, module, state, block: int, target: str) -> str
         return f"{spec.num_bits}-bit codes; GGUF's block types here hold 4 or 8 bits"
     if not spec.symmetric:
         return "a zero point; Q4_0/Q8_0 are symmetric"
-    if len(shape) != 2:
-        return f"a {len(shape)}-d weight; the writer maps 2-d Linear/Embedding weights"
+    if len(shape) not in (2, 3) or (len(shape) == 3 and spec.strategy == "channel"):
+        return (
+            f"a {len(shape)}-d weight per {spec.strategy}; the writer maps 2-d weights and "
+            "fused [experts, out, in] ones with scales along the input"
+        )
     if shape[-1] % block:
         return f"{shape[-1]} inputs, not whole {target} blocks of {block}"
     s, axis = spec.strategy, spec.axis
@@ -261,17 +284,20 @@ def _permutation(name: str, rows: int, cfg) -> torch.Tensor | None:
 
 
 def _block_scales(packed: PackedWeight, block: int) -> torch.Tensor:
-    """(rows, cols / block) fp32: the scale of each block (its group's)."""
+    """(rows, cols / block) fp32: the scale of each block (its group's); rows are all
+    but the last dimension."""
     shape = packed.weight_shape
     gran = packed.granularity
     rows_shape = gran.rows_shape(shape)
     per_element = gran.unrows(packed.scale.unsqueeze(1).expand(rows_shape), shape)
-    return per_element.reshape(shape[0], shape[1] // block, block)[..., 0].float()
+    return per_element.reshape(-1, shape[-1] // block, block)[..., 0].float()
 
 
 def _blocks(codes: torch.Tensor, d: torch.Tensor, kind: str, gguf) -> np.ndarray:
-    """Bytes (rows, row bytes) of one tensor in GGML type ``kind`` from integer codes
-    (rows, cols) and block scales (rows, cols / block)."""
+    """Bytes (..., row bytes) of one tensor in GGML type ``kind`` from integer codes
+    (..., cols) and block scales (rows, cols / block)."""
+    lead = codes.shape[:-1]
+    codes = codes.reshape(-1, codes.shape[-1])
     rows, cols = codes.shape
     block = GGUF_TYPES[kind]
     c = codes.reshape(rows, cols // block, block).to(torch.int16)
@@ -289,8 +315,8 @@ def _blocks(codes: torch.Tensor, d: torch.Tensor, kind: str, gguf) -> np.ndarray
         out = np.concatenate([qs.reshape(rows, -1, 64), d16], axis=-1)
     else:  # TQ1_0's base-3 packing: llama.cpp's quantizer of c·d is exact (d = max|c·d|)
         values = (c.float() * d.to(torch.float16).float().unsqueeze(-1)).reshape(rows, cols)
-        return gguf.quants.quantize(values.numpy(), gguf.GGMLQuantizationType.TQ1_0)
-    return out.reshape(rows, -1)
+        out = gguf.quants.quantize(values.numpy(), gguf.GGMLQuantizationType.TQ1_0)
+    return out.reshape(*lead, -1)
 
 
 def _tensors(work, plan, cfg, ternary, float_type, gguf):
@@ -341,7 +367,8 @@ def _tensors(work, plan, cfg, ternary, float_type, gguf):
                     f"export gguf: {name}: {kind} blocks do not dequantize to the trained "
                     f"weight ({(back != expected).sum().item()} values differ); nothing written"
                 )
-        out[_gguf_name(name)] = (arr, None if kind == "F16" else getattr(qtype, kind))
+        for gname, part in _split(_gguf_name(name), arr):
+            out[gname] = (part, None if kind == "F16" else getattr(qtype, kind))
         state.pop(name, None)
     for key, value in state.items():
         if tied and key == "lm_head.weight":
@@ -350,11 +377,13 @@ def _tensors(work, plan, cfg, ternary, float_type, gguf):
         if gname in out:
             continue
         v = value.detach().float()
-        keep32 = float_type == "f32" or v.dim() == 1  # norms stay F32, as llama.cpp wants
+        # norms and the router stay F32, as llama.cpp's converter writes them
+        keep32 = float_type == "f32" or v.dim() == 1 or gname.endswith("ffn_gate_inp.weight")
         perm = _permutation(key, v.shape[0], cfg)
         if perm is not None:
             v = v[perm]
-        out[gname] = (v.numpy() if keep32 else v.numpy().astype(np.float16), None)
+        for part_name, part in _split(gname, v.numpy() if keep32 else v.numpy().astype(np.float16)):
+            out[part_name] = (part, None)
     return out, report
 
 
@@ -401,6 +430,9 @@ def _write(path: Path, arch: str, cfg, tensors: dict, report: dict, gguf) -> Non
         w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 1e4))))
         w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
         w.add_vocab_size(cfg.vocab_size)
+        if getattr(cfg, "num_local_experts", None):
+            w.add_expert_count(cfg.num_local_experts)
+            w.add_expert_used_count(cfg.num_experts_per_tok)
         _byte_tokenizer(w, cfg, gguf)
         w.add_string("stefx.requantized", json.dumps(report))
         for name, (arr, t) in tensors.items():
