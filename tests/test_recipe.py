@@ -22,7 +22,8 @@ def test_every_preset_loads_and_cites_a_source():
         recipe = load_recipe(name)
         assert recipe.name == name
         assert recipe.rules
-        assert "arXiv:" in recipe.description, f"{name} does not cite its source"
+        cites = "arXiv:" in recipe.description or "https://" in recipe.description
+        assert cites, f"{name} does not cite its source (a paper or the format's code)"
 
 
 def test_dict_yaml_and_toml_give_the_same_recipe(tmp_path):
