@@ -12,6 +12,7 @@ from stefx.capture import capture
 from stefx.convert import ConvertError, convert
 from stefx.errors import CaptureError, NoMatchError, RecipeError, StefxError
 from stefx.export import export
+from stefx.export.common import RequantizedWarning
 from stefx.profile import profile
 from stefx.recipe import Recipe, Rule, load_recipe, preset_names
 from stefx.saving import load, save
@@ -30,6 +31,7 @@ __all__ = [
     "Quantizer",
     "Recipe",
     "RecipeError",
+    "RequantizedWarning",
     "Rule",
     "StefxError",
     "capture",

@@ -86,4 +86,4 @@ def test_convert_errors_are_one_line(folders, tmp_path):
     done = _stefx("convert", str(folders / "q4"), "--to", "tflite", "--out", "x")
     assert done.returncode == 2 and "invalid choice: 'tflite'" in done.stderr
     done = _stefx("convert", str(folders / "q4"), "--to", "hf-bitnet", "--out", str(tmp_path / "b"))
-    assert done.returncode == 2 and "the preset that fits: bitnet-b158" in _error_line(done)
+    assert done.returncode == 2 and "preset that fits: bitnet-b158" in _error_line(done)

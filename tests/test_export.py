@@ -72,7 +72,7 @@ def test_transformers_loads_the_export_and_computes_the_same(tmp_path, case):
 def test_what_the_format_cannot_hold_is_refused_and_nothing_is_written(tmp_path):
     out = tmp_path / "out"
     q = stefx.quantize(_llama(), "w4a8", report=False)
-    with pytest.raises(ConvertError, match=r"q_proj.*weight-only.*w4a16-g128"):
+    with pytest.raises(ConvertError, match=r"(?s)q_proj.*weight-only.*w4a16-g128"):
         stefx.export(q, out, format="compressed-tensors")
     ragged, _ = build("llama")  # 32-wide layers: groups of 128 do not tile them
     with pytest.raises(ConvertError, match="do not tile its 32 inputs"):
@@ -107,7 +107,7 @@ def test_transformers_loads_the_bitnet_export_as_bitlinear(tmp_path):
     # the same lattice, rounded in another order (see stefx.export)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
-    with pytest.raises(ConvertError, match=r"q_proj.weight: its weights are lsq.*bitnet-b158"):
+    with pytest.raises(ConvertError, match=r"(?s)q_proj.weight: its weights are lsq.*bitnet-b158"):
         stefx.export(stefx.quantize(_llama(), "w4a8", report=False), tmp_path / "x", "hf-bitnet")
 
 
@@ -118,3 +118,26 @@ def test_an_unwritable_folder_is_a_clear_error(tmp_path):
         stefx.export(q, tmp_path / "file", format="compressed-tensors")
     with pytest.raises(ConvertError, match=r"model=int is not a torch\.nn\.Module"):
         stefx.export(3, tmp_path / "x", format="hf-bitnet")
+
+
+def test_strict_false_requantizes_what_the_format_cannot_hold_and_reports_it(tmp_path):
+    q = stefx.quantize(_llama(), "w2a16-g64", report=False).eval()  # 2-bit: no int2 here
+    with pytest.raises(ConvertError, match=r"(?s)2-bit, the format holds int4 / int8"):
+        stefx.export(q, tmp_path / "ct", format="compressed-tensors")
+    with pytest.warns(stefx.RequantizedWarning) as caught:
+        stefx.export(q, tmp_path / "ct", format="compressed-tensors", strict=False)
+    message = str(caught[0].message)
+    # 2-bit codes with their learned steps are 4-bit codes with the same steps: exact
+    assert "mlp.down_proj.weight: its codes and scales kept in 4-bit codes (exact)" in message
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = q(input_ids=ids).logits, back(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-5  # the loader's own kernels: float tolerance
+    # per-channel TWN ternary onto BitLinear's per-tensor absmean: re-rounded, reported
+    twn = stefx.quantize(_llama(), "ternary-twn", report=False).eval()
+    with pytest.raises(ConvertError, match=r"(?s)not absmean ternary per tensor"):
+        stefx.export(twn, tmp_path / "b", format="hf-bitnet")
+    with pytest.warns(stefx.RequantizedWarning, match=r"re-quantized to ternary.*rel\. RMS"):
+        stefx.export(twn, tmp_path / "b", format="hf-bitnet", strict=False)
+    assert (tmp_path / "b" / "model.safetensors").exists()

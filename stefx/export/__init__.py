@@ -11,6 +11,13 @@ re-quantizes such a layer onto the format's lattice and reports each one's error
   model: ``Q4_0``, ``Q8_0``, ``TQ2_0``/``TQ1_0`` weights bit for bit from the presets
   ``gguf-q4_0``, ``gguf-q8_0``, ``gguf-tq2_0``; float tensors as F16 (or F32).
 
+- ``"onnx"``: one ONNX file (opset 21, :mod:`stefx.export.to_onnx`) for ``onnxruntime``:
+  4- and 8-bit integer weights behind ``DequantizeLinear`` (per tensor, per channel,
+  blocked), 8-bit activations as ``QuantizeLinear``/``DequantizeLinear`` pairs with their
+  scales computed in the graph; weights exact, activations to float tolerance (ONNX
+  divides by the scale where stefx multiplies by its reciprocal). Needs
+  ``example_inputs``.
+
 - ``"compressed-tensors"``: a Hugging Face folder in the ``pack-quantized`` format (what
   vLLM serves; ``transformers`` loads it with the ``compressed-tensors`` package
   installed): 4- or 8-bit integer weights of ``nn.Linear`` layers, per output channel or in
@@ -55,8 +62,10 @@ def export(
 ) -> Path:
     """Write ``model`` (quantized by :func:`stefx.quantize`, converted or not) to ``path``
     in ``format``; returns the path. Raises :class:`~stefx.convert.ConvertError` for a layer
-    the format cannot hold (nothing is written); with ``strict=False`` (GGUF) such a layer
-    is re-quantized onto the format's own lattice and its error reported in a warning.
+    the format cannot hold (nothing is written); with ``strict=False`` such a layer is
+    re-quantized onto the format's own lattice and each one's error reported in a
+    :class:`~stefx.RequantizedWarning` (codes that fit a wider lattice with the same scales
+    are kept exactly: binary, ternary or 2-bit codes as int4).
     ``example_inputs``: what ONNX traces the model with. ``options``: the format's own
     (GGUF: ``ternary="tq2_0"|"tq1_0"``, ``float_type="f16"|"f32"``)."""
     if format not in FORMATS:
@@ -70,11 +79,11 @@ def export(
         from stefx.export.to_onnx import write_onnx
 
         return write_onnx(model, path, example_inputs=example_inputs, strict=strict, **options)
-    if options or not strict:
-        extra = sorted(options) + ([] if strict else ["strict"])
+    if options or example_inputs is not None:
+        extra = sorted(options) + ([] if example_inputs is None else ["example_inputs"])
         raise ConvertError(f"export {format}: no options {extra} for this format")
     from stefx.export.hf_formats import write_bitnet, write_compressed_tensors
 
     if format == "hf-bitnet":
-        return write_bitnet(model, path)
-    return write_compressed_tensors(model, path)
+        return write_bitnet(model, path, strict)
+    return write_compressed_tensors(model, path, strict)

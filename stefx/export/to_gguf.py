@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from stefx.convert import ConvertError, PackedWeight
+from stefx.export.common import RequantizedWarning
 
 __all__ = ["GGUF_TYPES", "write_gguf"]
 
@@ -77,10 +78,6 @@ _TOP_NAMES = {
     "lm_head": "output",
 }
 _FITS = {"Q8_0": "gguf-q8_0", "Q4_0": "gguf-q4_0", "TQ2_0": "gguf-tq2_0", "TQ1_0": "gguf-tq2_0"}
-
-
-class WarnRequantized(UserWarning):
-    """``strict=False`` re-quantized layers whose lattice GGUF cannot hold."""
 
 
 def write_gguf(
@@ -127,7 +124,7 @@ def write_gguf(
         ]
         warnings.warn(
             "export gguf: strict=False re-quantized " + "; ".join(lines),
-            WarnRequantized,
+            RequantizedWarning,
             stacklevel=3,
         )
     _write(path, arch, cfg, tensors, report, gguf)

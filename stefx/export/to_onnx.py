@@ -10,6 +10,8 @@ writes one ``.onnx`` file that ``onnxruntime`` runs:
   (``axis``), or blocked (``axis`` + ``block_size``, opset 21; a ragged last group is
   ONNX's own short last block). The codes and scales are those :func:`stefx.convert`
   packs, so the dequantized weight is bit for bit the fake-quantized one stefx trained.
+  A Linear's grouped weight is stored transposed, ``[in, out]`` with blocks along axis 0
+  (MatMul's B), so onnxruntime fuses it into ``MatMulNBits``.
 - **activations** (``uniform`` 8-bit, per tensor or per token, symmetric or with a zero
   point, dynamic or frozen) become ``QuantizeLinear`` → ``DequantizeLinear``. A dynamic
   scale is computed in the graph as stefx computes it (``ReduceMax(Abs(x)) / 127``, or the
@@ -25,7 +27,10 @@ tests measure it), while every weight matches exactly.
 Refused, naming the layer, the mismatch and a preset that fits (nothing is written):
 weights that are binary, ternary, SEQ, DoReFa or not 4/8-bit; activation quantizers other
 than 8-bit ``uniform`` with ``half_even`` rounding and float32 scales; a ramped quantizer
-(strength < 1). Hugging Face models export their logits (``use_cache=False``).
+(strength < 1). ``strict=False`` re-quantizes the weights (binary, ternary and 2-bit codes
+keep their scales in 4-bit codes, exactly; the rest are re-rounded per channel) and warns
+with each layer's error; activation quantizers that do not fit are refused even then.
+Hugging Face models export their logits (``use_cache=False``).
 """
 
 from __future__ import annotations
@@ -69,11 +74,13 @@ def dequantize_weight(
     axis: int,
     block_size: int,
     num_bits: int,
+    transposed: bool,
 ) -> torch.Tensor:
     """``(codes - zero_point) · scale`` in float32, with ONNX ``DequantizeLinear``'s layout
     of ``scale``: a scalar (per tensor), 1-D along ``axis`` (``block_size`` 0), or the
     codes' rank with ``ceil(n / block_size)`` along ``axis`` (blocked). ``num_bits`` is
-    what the file stores the codes in (4: INT4/UINT4)."""
+    what the file stores the codes in (4: INT4/UINT4); ``transposed``: the codes are the
+    2-D weight's transpose, and so is what comes back before the final ``.t()``."""
     s, z = scale, zero_point
     if block_size:
         n = codes.shape[axis]
@@ -89,15 +96,17 @@ def dequantize_weight(
     values = codes.to(torch.float32)
     if z is not None:
         values = values - z.to(torch.float32)
-    return values * s
+    out = values * s
+    return out.t().contiguous() if transposed else out
 
 
 @dequantize_weight.register_fake
-def _(codes, scale, zero_point, axis, block_size, num_bits):
-    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+def _(codes, scale, zero_point, axis, block_size, num_bits, transposed):
+    shape = codes.shape[::-1] if transposed else codes.shape
+    return torch.empty(shape, dtype=torch.float32, device=codes.device)
 
 
-def _dequantize_weight_onnx(codes, scale, zero_point, axis, block_size, num_bits):
+def _dequantize_weight_onnx(codes, scale, zero_point, axis, block_size, num_bits, transposed):
     from onnxscript import opset21 as op
 
     if num_bits == 4:  # INT4/UINT4 initializers: folded by _store_int4 after tracing
@@ -111,8 +120,10 @@ def _dequantize_weight_onnx(codes, scale, zero_point, axis, block_size, num_bits
     if block_size:
         kwargs["block_size"] = block_size
     if zero_point is None:
-        return op.DequantizeLinear(codes, scale, **kwargs)
-    return op.DequantizeLinear(codes, scale, zero_point, **kwargs)
+        w = op.DequantizeLinear(codes, scale, **kwargs)
+    else:
+        w = op.DequantizeLinear(codes, scale, zero_point, **kwargs)
+    return op.Transpose(w, perm=[1, 0]) if transposed else w
 
 
 class QDQWeight(nn.Module):
@@ -128,9 +139,15 @@ class QDQWeight(nn.Module):
         s, shape = packed.spec, packed.weight_shape
         codes = packed.int_codes()
         unsigned = packed.zero_point is not None or packed.qmin >= 0
-        lo, hi = (0, 2**s.num_bits - 1) if unsigned else (-(2 ** (s.num_bits - 1)), 2 ** (s.num_bits - 1) - 1)
+        lo, hi = (
+            (0, 2**s.num_bits - 1)
+            if unsigned
+            else (-(2 ** (s.num_bits - 1)), 2 ** (s.num_bits - 1) - 1)
+        )
         if codes.numel() and (codes.min() < lo or codes.max() > hi):
-            raise _fail(where, f"its codes span [{codes.min()}, {codes.max()}], beyond {s.num_bits}-bit")
+            raise _fail(
+                where, f"its codes span [{codes.min()}, {codes.max()}], beyond {s.num_bits}-bit"
+            )
         self.codes_dtype = torch.uint8 if unsigned else torch.int8
         self.num_bits, self.weight_dtype = s.num_bits, packed.weight_dtype
         gran = packed.granularity
@@ -148,16 +165,36 @@ class QDQWeight(nn.Module):
             scale = scale.reshape(*moved, blocks).movedim(-1, self.axis)
             if zero is not None:
                 zero = zero.reshape(*moved, blocks).movedim(-1, self.axis)
-        self.register_buffer("codes", codes.to(self.codes_dtype).contiguous())
+        codes = codes.to(self.codes_dtype)
+        # A Linear's grouped weight [out, in] is stored as [in, out] with blocks along axis
+        # 0: the layout of MatMul's B, so onnxruntime's DequantizeLinear + MatMul fusion
+        # (MatMulNBits) finds it once the two transposes cancel.
+        self.transposed = s.strategy == "group" and len(shape) == 2 and self.axis == 1
+        if self.transposed:
+            codes, scale, self.axis = codes.t(), scale.t(), 0
+            zero = None if zero is None else zero.t()
+        self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
-        self.register_buffer("zero_point", None if zero is None else zero.to(torch.uint8).contiguous())
+        self.register_buffer(
+            "zero_point", None if zero is None else zero.to(torch.uint8).contiguous()
+        )
         got = self()
         if not torch.equal(got, packed.dequantized()):  # never export another lattice
-            raise _fail(where, "its DequantizeLinear form does not reproduce the packed weight", "report this as a stefx bug")
+            raise _fail(
+                where,
+                "its DequantizeLinear form does not reproduce the packed weight",
+                "report this as a stefx bug",
+            )
 
     def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
         w = dequantize_weight(
-            self.codes, self.scale, self.zero_point, self.axis, self.block_size, self.num_bits
+            self.codes,
+            self.scale,
+            self.zero_point,
+            self.axis,
+            self.block_size,
+            self.num_bits,
+            self.transposed,
         )
         return w if self.weight_dtype == torch.float32 else w.to(self.weight_dtype)
 
@@ -213,16 +250,13 @@ def _fake_quant_onnx(
             z = op.Clip(z, const(float(qmin), np.float32), const(float(qmax), np.float32))
             zero_point = op.Cast(z, to=out_type)
     else:  # frozen: the stored scale (one per tensor, or one per token row)
-        shape = op.Constant(value_ints=[-1] if per_token else [])
+        shape = const([-1] if per_token else [], np.int64)
         scale = op.Reshape(op.Cast(scale, to=1), shape)
-        if symmetric:
-            zero_point = None
-        else:
-            zero_point = op.Reshape(op.Cast(zero_point, to=out_type), shape)
+        zero_point = None if symmetric else op.Reshape(op.Cast(zero_point, to=out_type), shape)
     if not per_token:
-        scale = op.Reshape(scale, op.Constant(value_ints=[]))
+        scale = op.Reshape(scale, const([], np.int64))
         if zero_point is not None:
-            zero_point = op.Reshape(zero_point, op.Constant(value_ints=[]))
+            zero_point = op.Reshape(zero_point, const([], np.int64))
     scale = op.CastLike(scale, rows)
     if zero_point is None:
         zero_point = op.Cast(op.CastLike(const(0, np.int8), scale), to=out_type)
@@ -246,13 +280,25 @@ def _check_weight(where: str, q: nn.Module) -> None:
         if not q.enabled:
             return
         if not q._full:
-            raise _fail(where, f"its weight quantizer is ramped (strength {q.strength:g})", "set strength 1 on every quantizer before exporting")
+            raise _fail(
+                where,
+                f"its weight quantizer is ramped (strength {q.strength:g})",
+                "set strength 1 on every quantizer before exporting",
+            )
     if spec.type not in ("uniform", "lsq"):
-        raise _fail(where, f"its weights are {spec.type}, which ONNX QuantizeLinear/DequantizeLinear cannot express (integer codes of 4 or 8 bits on a uniform lattice)")
+        raise _fail(
+            where,
+            f"its weights are {spec.type}, which ONNX QuantizeLinear/DequantizeLinear cannot "
+            "express (integer codes of 4 or 8 bits on a uniform lattice)",
+        )
     if spec.num_bits not in (4, 8):
         raise _fail(where, f"its weights are {spec.num_bits}-bit; ONNX stores int4 or int8 codes")
     if spec.strategy not in ("tensor", "channel", "group"):
-        raise _fail(where, f"its weight scales are per {spec.strategy}; DequantizeLinear has per-tensor, per-axis or blocked scales")
+        raise _fail(
+            where,
+            f"its weight scales are per {spec.strategy}; DequantizeLinear has per-tensor, "
+            "per-axis or blocked scales",
+        )
 
 
 def _check_activation(where: str, q: nn.Module) -> None:
@@ -263,15 +309,42 @@ def _check_activation(where: str, q: nn.Module) -> None:
         return
     fix = f"a preset that fits: {_FITS}"
     if type(q) is not UniformQuantizer:
-        raise _fail(where, f"its activations are quantized by {spec.type}, ONNX QDQ holds uniform 8-bit", fix)
+        raise _fail(
+            where,
+            f"its activations are quantized by {spec.type}, ONNX QDQ holds uniform 8-bit",
+            fix,
+        )
     if spec.num_bits != 8:
-        raise _fail(where, f"its activations are {spec.num_bits}-bit; ONNX QDQ activations are 8-bit", fix)
+        raise _fail(
+            where, f"its activations are {spec.num_bits}-bit; ONNX QDQ activations are 8-bit", fix
+        )
     if not q._full:
-        raise _fail(where, f"its activation quantizer is ramped (strength {q.strength:g})", "set strength 1 on every quantizer before exporting")
-    if spec.strategy not in ("tensor", "token") or (spec.strategy == "token" and spec.axis not in (None, -1)):
-        raise _fail(where, f"its activations are quantized per {spec.strategy} (axis {spec.axis}); the export has per-tensor and last-axis per-token scales", fix)
-    if spec.scale == "signed_absmax" or spec.options["rounding"] != "half_even" or spec.options["scale_dtype"] != "float32":
-        raise _fail(where, f"its activation lattice uses scale {spec.scale!r}, rounding {spec.options['rounding']!r}, scale_dtype {spec.options['scale_dtype']!r}; QuantizeLinear rounds half to even with float32 scales", fix)
+        raise _fail(
+            where,
+            f"its activation quantizer is ramped (strength {q.strength:g})",
+            "set strength 1 on every quantizer before exporting",
+        )
+    if spec.strategy not in ("tensor", "token") or (
+        spec.strategy == "token" and spec.axis not in (None, -1)
+    ):
+        raise _fail(
+            where,
+            f"its activations are quantized per {spec.strategy} (axis {spec.axis}); the export "
+            "has per-tensor and last-axis per-token scales",
+            fix,
+        )
+    if (
+        spec.scale == "signed_absmax"
+        or spec.options["rounding"] != "half_even"
+        or spec.options["scale_dtype"] != "float32"
+    ):
+        raise _fail(
+            where,
+            f"its activation lattice uses scale {spec.scale!r}, rounding "
+            f"{spec.options['rounding']!r}, scale_dtype {spec.options['scale_dtype']!r}; "
+            "QuantizeLinear rounds half to even with float32 scales",
+            fix,
+        )
 
 
 def _check(model: nn.Module) -> None:
@@ -280,7 +353,11 @@ def _check(model: nn.Module) -> None:
 
     modules = quantized_modules(model)
     if not modules:
-        raise ConvertError(f"export onnx: model={type(model).__name__} carries no stefx quantizers; run stefx.quantize(model, recipe) first (a float model exports with torch.onnx.export itself)")
+        raise ConvertError(
+            f"export onnx: model={type(model).__name__} carries no stefx quantizers; run "
+            "stefx.quantize(model, recipe) first (a float model exports with torch.onnx.export "
+            "itself)"
+        )
     for fqn, module in modules.items():
         state = module.__dict__[STATE_ATTR]
         for p, qname in state.weight_quantizers():
@@ -291,6 +368,33 @@ def _check(model: nn.Module) -> None:
         if state.op_table:
             for name, q in module._modules["op_quantizers"].items():
                 _check_activation(f"{fqn}.op_quantizers.{name}", q)
+
+
+def _requantize_weights(model: nn.Module) -> None:
+    """strict=False: put each weight ONNX cannot hold on a 4- or 8-bit per-channel lattice
+    (binary, ternary and codes of fewer bits keep their scales: exact), and report."""
+    from stefx.export.common import report_requantized, requantize, weight_layers
+
+    report = {}
+    for name, (module, p, qname, q, _) in weight_layers(model).items():
+        try:
+            _check_weight(name, q)
+        except ConvertError:
+            if not isinstance(q, PackedWeight) and not q._full:
+                raise
+            s = q.spec
+            bits = 4 if s.type in ("binary", "ternary") or s.num_bits <= 4 else 8
+            spec = {"type": "uniform", "num_bits": bits, "strategy": "channel", "symmetric": True}
+            if s.strategy in ("tensor", "group"):  # ONNX has those scales too: keep them
+                spec.update(strategy=s.strategy, axis=s.axis, group_size=s.group_size)
+            err, rel = requantize(module, p, qname, spec)
+            report[name] = (
+                f"its codes and scales kept in {bits}-bit codes (exact)"
+                if err == 0
+                else f"re-quantized to {bits}-bit per {spec['strategy']}, max |Δ| {err:.3g}, "
+                f"rel. RMS {rel:.3g}"
+            )
+    report_requantized("onnx", report)
 
 
 # -- the traced copy --------------------------------------------------------------------------
@@ -329,30 +433,53 @@ def _traced_copy(model: nn.Module) -> nn.Module:
 
 
 def _store_int4(proto) -> None:
-    """Fold each ``Cast(initializer, to=INT4/UINT4)`` into an INT4/UINT4 initializer."""
+    """Make each 4-bit weight's codes (and zero point) an INT4/UINT4 initializer named
+    ``<module>.weight_quantizer.codes`` (``.zero_point``), like its 8-bit peers.
+
+    The translation casts the int8/uint8 buffers to INT4/UINT4; torch.onnx's optimizer
+    folds most of those casts into fresh ``val_*`` initializers, the rest are folded here.
+    """
+    import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for i in node.input:
-            uses[i] = uses.get(i, 0) + 1
-    keep = []
+    four = (TensorProto.INT4, TensorProto.UINT4)
+    renamed, keep = {}, []
     for node in graph.node:
         to = next((a.i for a in node.attribute if a.name == "to"), None)
         src = node.input[0] if node.op_type == "Cast" and node.input else None
-        if to in (TensorProto.INT4, TensorProto.UINT4) and src in inits:
-            values = numpy_helper.to_array(inits[src]).astype("int64")
-            graph.initializer.append(helper.make_tensor(node.output[0], to, values.shape, values.reshape(-1).tolist()))
-            uses[src] -= 1
+        if to in four and src in inits:
+            values = numpy_helper.to_array(inits[src])
+            nibbles = (values.reshape(-1).astype("int16") & 0xF).astype("uint8")
+            if nibbles.size % 2:
+                nibbles = np.append(nibbles, np.uint8(0))
+            raw = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()  # first code: low 4 bits
+            new = helper.make_tensor(node.output[0], to, values.shape, raw, raw=True)
+            graph.initializer.append(new)
+            inits[new.name] = new
             continue
         keep.append(node)
     del graph.node[:]
-    graph.node.extend(keep)
-    unused = [t for t in graph.initializer if uses.get(t.name, 0) == 0 and t.name in inits]
-    for t in unused:
+    graph.node.extend(keep)  # (copies: the nodes are graph.node's from here on)
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    for t in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(t)
+        inits.pop(t.name, None)
+    for node in graph.node:  # name the 4-bit codes and zero point after the scale beside them
+        if node.op_type != "DequantizeLinear" or not node.input[1].endswith(".scale"):
+            continue
+        stem = node.input[1][: -len(".scale")]
+        for i, role in ((0, "codes"), (2, "zero_point")):
+            name = node.input[i] if i < len(node.input) else ""
+            t = inits.get(name)
+            if t is not None and t.data_type in four and name != f"{stem}.{role}":
+                renamed[name] = f"{stem}.{role}"
+    for t in graph.initializer:
+        t.name = renamed.get(t.name, t.name)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
 
 
 def write_onnx(
@@ -373,18 +500,28 @@ def write_onnx(
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ConvertError(f"export onnx: no options {unknown}; the format takes {list(_OPTIONS)}")
-    if not strict:
-        raise ConvertError("export onnx: strict=False: the ONNX export never re-quantizes a layer; pass strict=True and quantize with a preset ONNX holds")
     if example_inputs is None:
-        raise ConvertError("export onnx: example_inputs=None: torch.onnx traces the model; pass example_inputs=(x,) (or a dict of keyword inputs) shaped like what the consumer will feed")
+        raise ConvertError(
+            "export onnx: example_inputs=None: torch.onnx traces the model; pass "
+            "example_inputs=(x,) (or a dict of keyword inputs) shaped like what the consumer will "
+            "feed"
+        )
     if not isinstance(example_inputs, (tuple, Mapping)):
-        raise ConvertError(f"export onnx: example_inputs is a {type(example_inputs).__name__}; pass a tuple of positional inputs or a dict of keyword inputs")
+        raise ConvertError(
+            f"export onnx: example_inputs is a {type(example_inputs).__name__}; pass a tuple of "
+            "positional inputs or a dict of keyword inputs"
+        )
     if not isinstance(model, nn.Module):
         raise ConvertError(f"export onnx: model={type(model).__name__} is not a torch.nn.Module")
     base = target_of(model)
+    if not strict:
+        base = copy.deepcopy(base)
+        _requantize_weights(base)
     _check(base)
     traced = _traced_copy(base)
-    args, kwargs = (example_inputs, None) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
+    args, kwargs = (
+        (example_inputs, None) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
+    )
     table = {
         torch.ops.stefx.fake_quant.default: _fake_quant_onnx,
         torch.ops.stefx_onnx.dequantize_weight.default: _dequantize_weight_onnx,
@@ -403,7 +540,10 @@ def write_onnx(
                 **options,
             )
     except Exception as e:  # the exporter's own errors are many types
-        raise ConvertError(f"export onnx: torch.onnx could not trace {type(base).__name__}: {type(e).__name__}: {e}") from e
+        raise ConvertError(
+            f"export onnx: torch.onnx could not trace {type(base).__name__}: {type(e).__name__}: "
+            f"{e}"
+        ) from e
     proto = program.model_proto
     _store_int4(proto)
     import onnx
