@@ -10,7 +10,7 @@ when ``llama_cpp`` (llama-cpp-python) is importable, of the file run by llama.cp
 its logits against stefx's (max |Δ|, top-1 agreement) and its speed and memory against
 llama.cpp's run of the float model's own F32 and F16 exports.
 
-    python benchmarks/bench_gguf.py              # ~12 min on 2 cores (more with llama.cpp)
+    python benchmarks/bench_gguf.py              # ~1 h on 2 cores
     python benchmarks/bench_gguf.py --float-steps 300 --qat-steps 50 --presets gguf-q8_0
 """
 
@@ -96,25 +96,18 @@ def _ppl_from_logits(logits: torch.Tensor, data, windows: int) -> float:
     return math.exp(loss.item())
 
 
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def llama_cpp_run(path: Path, data, windows: int, threads: int, repeats: int = 3):
     """llama.cpp's logits over ``windows`` windows (each from an empty context), its
     prompt-processing and generation speed (tokens/s, median of ``repeats``), and the
-    resident memory its model load added (MB)."""
+    bytes of its model's tensors in memory, as llama.cpp counts them (``llama_model_size``;
+    the file is memory-mapped, so a resident-set delta would count only pages touched)."""
     import llama_cpp
 
-    before = _rss_mb()
     llm = llama_cpp.Llama(
         model_path=str(path), n_ctx=SEQ * 2, n_batch=SEQ, logits_all=True,
         n_threads=threads, n_threads_batch=threads, verbose=False,
     )  # fmt: skip
-    loaded = _rss_mb() - before
+    loaded = llm._model.size() / 1e6
     xs = data[: windows * SEQ].view(windows, SEQ)
     logits = []
     for x in xs:
@@ -128,7 +121,7 @@ def llama_cpp_run(path: Path, data, windows: int, threads: int, repeats: int = 3
         llm.eval(xs[0].tolist())
         prompt.append(SEQ / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        for tok in xs[1, :32].tolist():
+        for tok in xs[0, :32].tolist():  # after the prompt: 32 more tokens, one by one
             llm.eval([tok])
         gen.append(32 / (time.perf_counter() - t0))
     del llm
@@ -140,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default=",".join(PRESETS))
-    parser.add_argument("--float-steps", type=int, default=800)
-    parser.add_argument("--qat-steps", type=int, default=200)
+    parser.add_argument("--float-steps", type=int, default=1500)
+    parser.add_argument("--qat-steps", type=int, default=300)
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 128 bytes")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -156,7 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     split = data.numel() * 9 // 10
     train, val = data[:split], data[split:]
     t0 = time.perf_counter()
-    base = lm.train(build(0), train, args.float_steps, 3e-3, SEQ, 0)
+    curve: list[float] = []
+    base = lm.train(build(0), train, args.float_steps, 3e-3, SEQ, 0,
+                    log=max(1, args.float_steps // 6), val=val, curve=curve)  # fmt: skip
+    flat = len(curve) > 1 and curve[-1] <= min(curve) * 1.005 and curve[-1] >= curve[-2] * 0.99
+    print(f"float validation loss {'has' if flat else 'has NOT'} flattened (last "
+          f"{curve[-1]:.3f}, lowest {min(curve):.3f})")  # fmt: skip
     tmp = Path(tempfile.mkdtemp())
     ref = lm.train(copy.deepcopy(base), train, args.qat_steps, 3e-4, SEQ, 1000).eval()
     ppl_float = math.exp(held_out_loss(ref, val, SEQ, args.windows))
@@ -218,10 +216,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"\nllama.cpp on {args.threads} threads, median of 3: prompt {SEQ} tokens, then 32 "
           "tokens one at a time\n")  # fmt: skip
-    print("| file | size (kB) | prompt tok/s | generation tok/s | RSS added by load (MB) |")
-    print("|---|---|---|---|---|")
+    print("| file | size (kB) | model in memory (MB) | prompt tok/s | generation tok/s |"
+          " prompt, generation vs F16 |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    f16 = next(s for s in speed if s[0] == "float F16")
     for name, size, pp, tg, mem in speed:
-        print(f"| {name} | {size / 1e3:.0f} | {pp:.0f} | {tg:.0f} | {mem:.1f} |")
+        print(f"| {name} | {size / 1e3:.0f} | {mem:.2f} | {pp:.0f} | {tg:.0f} | "
+              f"{pp / f16[2]:.2f}x, {tg / f16[3]:.2f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":
