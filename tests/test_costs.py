@@ -220,7 +220,7 @@ def test_rnn_gate_formula_from_attrs_and_param_shapes():
 
 def test_view_ignored_and_unknowns_unsupported():
     view = cost_of(node("view", [(2, 3)], (6,)))
-    assert view == Cost(status="ignored", note=view.note) and view.note
+    assert view == Cost(status="ignored", note=view.note, kernels=0) and view.note
     opaque = cost_of(node("opaque", [(2, 3)], (2, 5), params={"weight": (5, 3)}, module="Odd"))
     assert opaque.status == "unsupported" and opaque.params == 15 and opaque.flops == 0
     assert opaque.act_in_bytes == 6 * 4

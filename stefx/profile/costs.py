@@ -87,6 +87,9 @@ class Cost:
     act_out_bytes: float = 0.0
     status: str = "counted"
     note: str = ""
+    # kernels this op launches as a runtime would run it: 0 for a layout op, an eval-mode
+    # no-op or an op fused into its neighbour's kernel (see ``fusion``), else 1
+    kernels: float = 1.0
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -255,7 +258,8 @@ def _activations(op: OpNode) -> list[tuple[int, Shape]]:
         return inputs
     for role in op.params:
         shape = tuple(op.param_shapes.get(role, ()))
-        for candidate in (shape, shape[::-1]) if shape else ():
+        swapped = (*shape[:-2], shape[-1], shape[-2]) if len(shape) > 2 else shape
+        for candidate in (shape, shape[::-1], swapped) if shape else ():
             hit = next((k for k, (_, s) in enumerate(inputs) if s == candidate), None)
             if hit is not None:
                 del inputs[hit]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from stefx.capture.graph import OpNode
 from stefx.profile.costs import (
@@ -311,8 +312,14 @@ def _softmax(op: OpNode, s: CostSettings) -> Cost:
     return counted(op, s, macs=0, flops=flops, note=f"{SOFTMAX_FLOPS} FLOPs/element")
 
 
+#: dropout in eval mode (the analysis graph is captured in eval mode) returns its input
+DROPOUTS = frozenset({"dropout", "native_dropout", "feature_dropout", "alpha_dropout"})
+
+
 @register_cost("elementwise")
 def _elementwise(op: OpNode, s: CostSettings) -> Cost:
+    if op.call in DROPOUTS or (not op.call and "Dropout" in op.module_type):
+        return Cost(status="ignored", note="dropout in eval mode returns its input", kernels=0)
     per = op.attrs.get("flops_per_element", 1)
     return counted(op, s, macs=0, flops=per * numel(op.output_shape), note=f"{per} FLOP/element")
 
@@ -340,10 +347,32 @@ def _create(op: OpNode, s: CostSettings) -> Cost:
     return counted(op, s, macs=0, note="creates a tensor: no arithmetic, output bytes written")
 
 
+#: "view"-kind calls that write a new tensor: they move bytes, unlike a reshape or a slice
+COPIES = frozenset(
+    {"cat", "concat", "concatenate", "stack", "pad", "constant_pad_nd", "repeat", "tile"}
+    | {"repeat_interleave", "roll", "flip", "clone", "clone_", "contiguous", "copy_"}
+    | {"scatter", "scatter_add", "index_put", "index_put_", "masked_select"}
+)
+#: copies that read only what they gather (plus their indices), not the whole source
+GATHERS = frozenset({"index", "index_select", "gather", "masked_select"})
+
+
 @register_cost("view")
 def _view(op: OpNode, s: CostSettings) -> Cost:
-    note = "layout or data-movement op (view, cat, index, copy): no arithmetic, bytes not counted"
-    return Cost(status="ignored", note=note)
+    if op.call in GATHERS and op.output_shape is not None:
+        out = numel(op.output_shape)
+        index_bits = sum(numel(sh) for sh in op.input_shapes[1:] if sh) * INDEX_BITS
+        return Cost(
+            act_in_bytes=(out * s.a_bits + index_bits) / 8,
+            act_out_bytes=out * s.out_bits / 8,
+            note="gather: reads the elements it picks and the indices, writes them",
+        )
+    if op.call in COPIES and op.output_shape is not None:
+        # contiguous() copies only a strided input (stefx cannot see strides: assumed so)
+        c = counted(op, s, macs=0, flops=0, note="data movement: reads its inputs, writes a copy")
+        return replace(c, params=0, param_bytes=0.0)
+    note = "layout op (view, reshape, transpose, slice, cast): no arithmetic, no bytes moved"
+    return Cost(status="ignored", note=note, kernels=0)
 
 
 @register_cost("opaque")

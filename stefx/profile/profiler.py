@@ -29,6 +29,7 @@ from stefx.capture.kinds import FUNCTIONAL_KINDS, MODULE_WEIGHT_KINDS
 from stefx.errors import CaptureError, StefxError
 from stefx.match import module_op_kind, unread_weights
 from stefx.profile.costs import Cost, cost_of, dtype_bits
+from stefx.profile.fusion import FUSIONS, fuse_pointwise, quantize_cost
 from stefx.profile.hardware import energy, load_energy_table, load_hardware, roofline_latency
 from stefx.profile.measure import input_sizes, measure_model
 from stefx.profile.report import OpCost, Report
@@ -48,6 +49,8 @@ class OpBits:
     scale_overhead_bits: int | None = None
     quantized_params: frozenset[str] = frozenset()  # FQNs of weights at w_bits
     folded_into: str = ""  # a BatchNorm folded into this site's weights (fold_bn)
+    # quantized activation inputs: (input position, bits, scales per call)
+    quantized_inputs: tuple[tuple[int, float, int], ...] = ()
 
 
 def profile(
@@ -61,6 +64,7 @@ def profile(
     causal_halving: bool = False,
     measure: bool = False,
     capture: Capture | None = None,
+    fusion: str = "pointwise",
 ) -> Report:
     """Profile ``model`` before and after quantization; see the module docstring.
 
@@ -69,9 +73,13 @@ def profile(
         (then "after" equals "before").
     hardware / energy: a hardware profile and an energy table, by name or YAML path.
     measure: also time the model on real tensors (not possible on the meta device).
+    fusion: ``"pointwise"`` costs pointwise chains as the one kernel a runtime fuses them
+        into, ``"none"`` every aten op as a kernel of its own (see :mod:`stefx.profile.fusion`).
     """
     from stefx.capture import capture as capture_model
 
+    if fusion not in FUSIONS:
+        raise StefxError(f"profile: fusion={fusion!r}; choose one of {list(FUSIONS)}")
     if not isinstance(model, nn.Module):
         raise StefxError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     on_meta = any(p.is_meta for p in model.parameters())
@@ -94,7 +102,7 @@ def profile(
     plan = _resolve_plan(model, cap, recipe, plan)
     device = load_hardware(hardware)
     table = load_energy_table(energy)
-    costed = _cost_ops(model, cap, plan, device, table, causal_halving)
+    costed = _cost_ops(model, cap, plan, device, table, causal_halving, fusion)
     samples, tokens = input_sizes(model, example_inputs)
     report = Report.build(
         costed,
@@ -107,9 +115,28 @@ def profile(
         tokens=tokens,
     )
     report.not_covered += _not_run(model, cap, plan)
+    report.notes += _cost_model_notes(fusion, plan is not None)
     if measure:
         report.measured = measure_model(model, example_inputs, report.rows)
     return report
+
+
+def _cost_model_notes(fusion: str, quantized: bool) -> list[str]:
+    """What the cost model assumes, for the report's header."""
+    notes = [
+        "cost model: pointwise chains fused into one kernel (each reads its inputs and "
+        "writes its outputs once), views and eval-mode dropout free, copies (cat, pad, "
+        "index...) at their bytes"
+        if fusion == "pointwise"
+        else "cost model: fusion='none': every aten op is a kernel of its own, reading and "
+        "writing its tensors in memory (no runtime runs a model this way)"
+    ]
+    if quantized:
+        notes.append(
+            "after: each activation quantizer is a kernel (reads float, writes codes and "
+            "scales, 4 FLOPs/element); output quantizers run in the op's epilogue"
+        )
+    return notes
 
 
 def _not_run(model: nn.Module, cap: Capture, plan: Any) -> list[dict[str, Any]]:
@@ -142,14 +169,17 @@ def _not_run(model: nn.Module, cap: Capture, plan: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _cost_ops(model, cap: Capture, plan, device, table, causal_halving: bool) -> list[OpCost]:
+def _cost_ops(
+    model, cap: Capture, plan, device, table, causal_halving: bool, fusion: str = "pointwise"
+) -> list[OpCost]:
     """Cost every op before and after the plan, with hardware estimates; annotate
     ``node.meta["stefx.cost"]`` on the analysis graph."""
     nodes = {id(n.meta["stefx.op"]): n for n in cap.graph.nodes if "stefx.op" in n.meta}
     ops, nodes = _without_quantizer_params(cap.ops, nodes, model)
+    ops, nodes = _without_claimed_params(ops, nodes)
     bits = plan_bits(plan, ops, model) if plan is not None else {}
     names = row_names(ops, model)
-    costed: list[OpCost] = []
+    costs: dict[int, list[Cost]] = {}
     for op in ops:
         fb = dtype_bits(op.dtype) if op.dtype else 32
         after_bits = bits.get(id(op), OpBits())
@@ -167,6 +197,17 @@ def _cost_ops(model, cap: Capture, plan, device, table, causal_halving: bool) ->
                 scale_groups=after_bits.scale_groups,
                 scale_overhead_bits=after_bits.scale_overhead_bits,
             )
+        costs[id(op)] = [before, after]
+    if fusion == "pointwise":
+        fuse_pointwise(cap.graph, ops, {k: v for k, v in nodes.items()}, costs)
+    costed: list[OpCost] = []
+    for op in ops:
+        fb = dtype_bits(op.dtype) if op.dtype else 32
+        after_bits = bits.get(id(op), OpBits())
+        before, after = costs[id(op)]
+        if not after_bits.folded_into:
+            after = quantize_cost(after, op, list(after_bits.quantized_inputs),
+                                  after_bits.out_bits, fb)  # fmt: skip
         node = nodes.get(id(op))
         if node is not None:
             node.meta["stefx.cost"] = {"before": before, "after": after}
@@ -183,7 +224,9 @@ def _cost_ops(model, cap: Capture, plan, device, table, causal_halving: bool) ->
                 after_hw=_estimate(
                     after, device, table, after_bits.w_bits, after_bits.a_bits, hw_bits
                 ),
-                params=_canonical(op, cap.tied_params),
+                # only an op that counts the weights claims them (a transpose of a fused
+                # expert weight must not hide it from the experts op that reads it)
+                params=_canonical(op, cap.tied_params) if before.params else frozenset(),
             )
         )
     return costed
@@ -249,6 +292,24 @@ def _without_quantizer_params(ops: list[OpNode], nodes: dict, model: nn.Module):
     return out, out_nodes
 
 
+def _without_claimed_params(ops: list[OpNode], nodes: dict):
+    """An opaque leaf lists every weight it holds, and capture adds one op for each weight
+    it could cost inside (fused expert tensors): those weights belong to their own ops, so
+    the opaque op keeps only the rest (each weight counts once, at its own bits)."""
+    claimed = {fqn for op in ops if op.kind != "opaque" for fqn in op.params.values()}
+    out, out_nodes = [], {}
+    for op in ops:
+        node = nodes.get(id(op))
+        if op.kind == "opaque" and any(f in claimed for f in op.params.values()):
+            keep = {r: f for r, f in op.params.items() if f not in claimed}
+            shapes = {r: sh for r, sh in op.param_shapes.items() if r in keep}
+            op = replace(op, params=keep, param_shapes=shapes)
+        out.append(op)
+        if node is not None:
+            out_nodes[id(op)] = node
+    return out, out_nodes
+
+
 def _resolve_plan(model: nn.Module, cap: Capture, recipe: Any, plan: Any) -> Any:
     if plan is not None:
         return plan
@@ -294,6 +355,8 @@ def _scale_groups(site, param: str, shape: tuple[int, ...]) -> int:
     from stefx.ste.granularity import Granularity
 
     spec = site.weight_specs.get(param, site.weights)
+    if spec.scale == "none":  # sign(w) alone (BNN): no scale is stored
+        return 0
     try:
         return Granularity(spec.strategy, spec.axis, spec.group_size).num_groups(shape)
     except ValueError:
@@ -312,7 +375,14 @@ def plan_bits(plan: Any, ops: list[OpNode], model: nn.Module) -> dict[int, OpBit
             if op is not None and site.input_activations is not None:
                 bits = site.input_activations.num_bits
                 out_bits = _bits(site.output_activations)
-                out[id(op)] = OpBits(w_bits=bits, a_bits=bits, out_bits=out_bits)
+                inputs = tuple(
+                    (i, bits, _act_groups(site.input_activations, op, i))
+                    for i in range(min(2, len(op.input_shapes)))
+                    if site.input_activations.enabled
+                )
+                out[id(op)] = OpBits(
+                    w_bits=bits, a_bits=bits, out_bits=out_bits, quantized_inputs=inputs
+                )
             elif op is not None:
                 out[id(op)] = OpBits(out_bits=_bits(site.output_activations))
         else:
@@ -323,8 +393,16 @@ def plan_bits(plan: Any, ops: list[OpNode], model: nn.Module) -> dict[int, OpBit
         if op.kind == "norm" and op.module in folded:
             out[id(op)] = OpBits(folded_into=folded[op.module])
             continue
-        site = by_module.get((op.module, module_op_kind(op)))
-        if site is None or op.kind not in MODULE_WEIGHT_KINDS or not op.params:
+        site = by_module.get((op.module, module_op_kind(op) or op.kind))
+        if site is None:
+            continue
+        if op.kind not in MODULE_WEIGHT_KINDS or not op.params:
+            # a module without weights that a site quantizes around: the nn.ReLU that ends
+            # a [conv, batch_norm, relu] pattern writes its output at the site's bits
+            a, o = _bits(site.input_activations), _bits(site.output_activations)
+            if a is not None or o is not None:
+                inputs = () if a is None else ((0, a, _act_groups(site.input_activations, op)),)
+                out[id(op)] = OpBits(a_bits=a, out_bits=o, quantized_inputs=inputs)
             continue
         quantized, groups = set(), 0
         if site.weights is not None:
@@ -337,15 +415,33 @@ def plan_bits(plan: Any, ops: list[OpNode], model: nn.Module) -> dict[int, OpBit
         overhead = None
         if quantized and not site.weights.symmetric:  # a zero point per group, at w_bits
             overhead = dtype_bits(op.dtype or "float32") + site.weights.num_bits
+        a_bits = _bits(site.input_activations)
         out[id(op)] = OpBits(
             w_bits=w_bits,
-            a_bits=_bits(site.input_activations),
+            a_bits=a_bits,
             out_bits=_bits(site.output_activations),
             scale_groups=groups,
             scale_overhead_bits=overhead,
             quantized_params=frozenset(quantized),
+            quantized_inputs=()
+            if a_bits is None
+            else ((0, a_bits, _act_groups(site.input_activations, op)),),
         )
     return out
+
+
+def _act_groups(spec: Any, op: OpNode, i: int = 0) -> int:
+    """Scales an activation quantizer writes per call on input ``i`` (per tensor: 1;
+    per token: one per row...); a frozen (static) scale is a constant, also 1 read."""
+    from stefx.ste.granularity import Granularity
+
+    shape = op.input_shapes[i] if i < len(op.input_shapes) else None
+    if not shape:
+        return 1
+    try:
+        return Granularity(spec.strategy, spec.axis, spec.group_size).num_groups(tuple(shape))
+    except Exception:  # an axis the shape does not have: count one scale
+        return 1
 
 
 def _bits(spec: Any) -> int | None:
