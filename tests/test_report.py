@@ -122,14 +122,63 @@ def test_printed_sections(mlp_report):
     five = text.split("five classic metrics")[1].split("not covered")[0]
     for metric, dependent in (
         ("parameter size", "no"),
-        ("FLOPs / MACs", "no"),
+        ("FLOPs / MACs / BOPs", "no"),
         ("latency", "yes"),
-        ("energy", "yes"),
+        ("energy", "no (one table for every device)"),  # Horowitz 45 nm, the default
         ("throughput", "yes"),
     ):
         line = next(x for x in five.splitlines() if x.startswith(metric))
         assert f" {dependent} " in line
     assert "estimate" in five
+    # every metric before -> after, BOPs included (2.62M -> 81.9k for w4a8)
+    from stefx.profile.render import _si
+
+    b, a = mlp_report.totals["before"], mlp_report.totals["after"]
+    flops = next(x for x in five.splitlines() if x.startswith("FLOPs / MACs / BOPs"))
+    cell = " / ".join(_si(b[k]) for k in ("flops", "macs", "bops")) + " -> "
+    cell += " / ".join(_si(a[k]) for k in ("flops", "macs", "bops"))
+    assert cell in flops and "2.62M -> " in flops and "/ 81.9k" in flops
+    # the layer table says its latency / energy columns are after quantization
+    assert "latency after (est.)" in text and "energy after (est.)" in text
+
+
+def _header_snapshot(name: str, text: str) -> None:
+    path = SNAPSHOTS / name
+    if os.environ.get("STEFX_UPDATE_SNAPSHOTS") == "1" or not path.exists():
+        SNAPSHOTS.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert text == path.read_text(encoding="utf-8"), (
+        f"{name} changed; if intended, rerun with STEFX_UPDATE_SNAPSHOTS=1 and review"
+    )
+
+
+def test_header_snapshot_names_latency_model_energy_table_causal_and_notes():
+    model, inputs = build("functional")  # SDPA with is_causal=True: the causal label
+    rep = profile(model, inputs, recipe="w4a8", hardware="h100")
+    header = str(rep).split("\n\n")[0] + "\n"
+    _header_snapshot("functional_w4a8_h100_header.txt", header)
+    assert "latency: roofline on h100 at achievable rates" in header
+    assert "x 0.801" in header and "5us launch floor per kernel" in header
+    assert "energy: horowitz45nm (default: Horowitz 45 nm" in header
+    assert "attention: causal mask not exploited" in header
+    assert all(f"note: {n}" in header for n in rep.notes)
+    halved = profile(model, inputs, recipe="w4a8", causal_halving=True)
+    halved = str(halved).split("\n\n")[0]
+    assert "attention: causal: only unmasked score entries counted" in halved
+
+
+def test_top_k_ranks_by_latency_or_a_chosen_key(llama_report):
+    rows = llama_report.rows
+    slowest = max(rows, key=lambda r: r.after["latency_s"])
+    text = llama_report.table(top_k=3)
+    assert "top_k=3 by latency_s after quantization" in text
+    table = text.split("\n\n")[1]
+    assert f"\n{slowest.name} " in table
+    by_flops = llama_report.table(top_k=1, sort_by="flops").split("\n\n")[1]
+    biggest = max(rows, key=lambda r: r.after["flops"])
+    assert f"\n{biggest.name} " in by_flops
+    with pytest.raises(StefxError, match="sort_by"):
+        llama_report.table(top_k=3, sort_by="speed")
 
 
 def test_not_covered_lists_ignored_lm_head_with_bytes(llama_report):
@@ -238,3 +287,77 @@ def test_modules_that_did_not_run_are_still_targeted_or_listed():
         "rules": [{"targets": ["linear"], "position": "last", "weights": {"type": "uniform"}}],
     }
     assert [s.name for s in stefx.explain(_Branch(), last, (x,)).sites] == ["out"]  # ran last
+
+
+# -- measure=True ----------------------------------------------------------------------
+
+
+def test_measure_float_model_with_a_recipe_has_no_after():
+    """A float model plus a recipe: "before" is the float model; there is no quantized
+    model to time, so "after" is None with the reason, never the float timing."""
+    model, inputs = build("mlp")
+    d = profile(model, inputs, recipe="w4a8", measure=True).to_dict()
+    before, after = d["totals"]["before"], d["totals"]["after"]
+    assert before["measured_latency_s"] > 0 and before["measured_kind"] == "float model"
+    assert after["measured_latency_s"] is None and after["measured_samples_per_s"] is None
+    assert after["measured_kind"].startswith("not measured")
+    assert d["measured"]["per_layer"].startswith("exclusive")
+    layers = {layer["name"]: layer for layer in d["layers"]}
+    assert layers["fc1"]["before"]["measured_exclusive_s"] > 0
+    assert "measured_exclusive_s" not in layers["fc1"]["after"]
+
+
+def test_measure_quantized_model_times_float_before_and_fake_quant_after():
+    model, inputs = build("mlp")
+    stefx.quantize(model, "w4a8", inputs, report=False)
+    rep = profile(model, inputs, measure=True)
+    m, d = rep.measured, rep.to_dict()
+    assert m["after_kind"] == "fake-quant (simulation) step, not deployment"
+    assert d["totals"]["after"]["measured_kind"] == m["after_kind"]
+    assert d["totals"]["after"]["measured_latency_s"] == m["after"]["latency_s"] > 0
+    assert d["totals"]["before"]["measured_latency_s"] == m["before"]["latency_s"] > 0
+    assert model.fc1.weight_quantizer is not None  # timing the float copy left it quantized
+    text = str(rep)
+    assert "after: fake-quant (simulation) step, not deployment" in text
+
+
+def test_measure_converted_model_is_labelled_converted():
+    from stefx.profile.measure import AFTER_CONVERTED, measure_model
+
+    model, inputs = build("mlp")
+    stefx.quantize(model, "w4a16-g128", inputs, report=False)
+    stefx.convert(model.eval())
+    m = measure_model(model, inputs, [])
+    assert m["after_kind"] == AFTER_CONVERTED
+    assert m["before"]["latency_s"] > 0 and m["after"]["latency_s"] > 0
+
+
+class _Sleepy(nn.Module):
+    def __init__(self, seconds: float, child: nn.Module | None = None) -> None:
+        super().__init__()
+        self.seconds, self.child = seconds, child
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.seconds)
+        return self.child(x) if self.child is not None else x
+
+
+def test_measured_layer_times_exclude_children():
+    """inner sleeps 10 ms inside outer, which sleeps 20 ms of its own: outer's measured
+    time is its own 20 ms (as its estimated row holds only its own ops), not 30 ms."""
+    from stefx.profile.measure import _exclusive, measure_model
+
+    model = nn.Sequential(_Sleepy(0.02, _Sleepy(0.01)))
+    layers = measure_model(model, (torch.randn(1),), [])["before"]["layers"]
+    assert layers["0"] == pytest.approx(0.02, abs=0.008)
+    assert layers["0.child"] == pytest.approx(0.01, abs=0.008)
+    assert layers[""] < 0.005  # the Sequential itself does nothing
+    # a container that never runs (ModuleList "c") passes its items up to the next timed one
+    assert _exclusive({"": 5.0, "a": 3.0, "a.b": 1.0, "c.0": 1.0}) == {
+        "": 1.0,
+        "a": 2.0,
+        "a.b": 1.0,
+        "c.0": 1.0,
+    }

@@ -16,6 +16,7 @@ from stefx.profile.hardware import (
     peak_ops,
     register_energy_table,
     register_hardware,
+    resolve_energy_table,
     roofline_latency,
 )
 from stefx.profile.profiler import profile
@@ -40,5 +41,6 @@ __all__ = [
     "register_cost",
     "register_energy_table",
     "register_hardware",
+    "resolve_energy_table",
     "roofline_latency",
 ]

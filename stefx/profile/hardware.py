@@ -10,10 +10,26 @@ them, and turns a :class:`~stefx.profile.costs.Cost` into an estimate:
   w3a3 on int4 where it exists, else int8. Wider integers, and unquantized ops, use the
   float path of ``float_bits`` (32 -> fp32, 16 -> bf16 then fp16, 8 -> fp8), falling back to
   a wider float dtype where a path is missing. One MAC counts as two ops, as vendors count.
-* :func:`roofline_latency` - ``max(compute, memory)`` seconds and which one bounds it.
+* :func:`roofline_latency` - seconds per kernel from *achievable* rates, not datasheet ones::
+
+      max(compute / (peak x matmul_fraction), bytes / (bandwidth x bandwidth_fraction))
+        + launch_floor_s
+
   MACs run on the path above; other FLOPs (norms, softmax, elementwise) on the fp32 rate.
+  The launch floor is *added*, not taken as a third term of the max: in eager PyTorch the
+  host-side cost of an op (Python, dispatch, kernel launch) is paid before its kernel runs
+  and is not hidden behind it, so a tiny op costs the floor plus its (tiny) execution.
+  Zero-cost ops (views) launch nothing and get no floor. The bound is whichever of compute,
+  memory or the launch floor is largest ("launch-bound": the op is overhead, not work).
 * :func:`energy` - joules: MACs x (multiplier + adder energy) + other FLOPs x a float add
   + bytes moved x the memory level's energy per byte (DRAM by default).
+* :func:`resolve_energy_table` - the table ``profile(energy=...)`` uses: the one asked for,
+  else the device's own (``energy:`` in its YAML), else Horowitz 45 nm, labelled as such.
+
+Achievable fractions and the launch floor are data too (``matmul_fraction``,
+``bandwidth_fraction``, ``launch_floor_s`` in a device YAML, each with its source). A file
+written by :func:`stefx.profile.calibrate.calibrate` holds measured rates, so its fractions
+are 1.0.
 
 Energy scaling for widths not in the table, anchored on the table's entries: a multiplier's
 energy is proportional to the product of its operand widths (an array multiplier has
@@ -47,6 +63,7 @@ __all__ = [
     "EnergyTable",
     "HardwareProfile",
     "energy",
+    "energy_label",
     "hardware_names",
     "load_energy_table",
     "load_hardware",
@@ -54,8 +71,11 @@ __all__ = [
     "peak_ops",
     "register_energy_table",
     "register_hardware",
+    "resolve_energy_table",
     "roofline_latency",
 ]
+
+DEFAULT_ENERGY = "horowitz45nm"
 
 DTYPES = ("fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4", "binary")
 _INT_PATHS = {"binary": 1, "int4": 4, "int8": 8}
@@ -78,7 +98,12 @@ class EnergyTable:
 
 @dataclass(frozen=True)
 class HardwareProfile:
-    """A device: dense peak ops/s per dtype (None: no such path), bandwidth, energy table."""
+    """A device: dense peak ops/s per dtype (None: no such path), bandwidth, energy table,
+    and what of those peaks real kernels achieve (fractions, a per-kernel launch floor).
+
+    ``energy_is_default``: the YAML names no energy table, so ``energy`` is the Horowitz
+    45 nm default (the report says so instead of presenting it as the device's own).
+    """
 
     name: str
     description: str
@@ -87,6 +112,10 @@ class HardwareProfile:
     memory_bandwidth: float  # bytes/s
     energy: EnergyTable
     assumptions: tuple[str, ...] = ()
+    matmul_fraction: float = 1.0  # achieved / datasheet matmul rate
+    bandwidth_fraction: float = 1.0  # achieved / datasheet memory bandwidth
+    launch_floor_s: float = 0.0  # host-side cost of one kernel (eager PyTorch)
+    energy_is_default: bool = False
 
 
 _HARDWARE: Registry[HardwareProfile] = Registry(
@@ -123,11 +152,15 @@ def hardware_names() -> list[str]:
     return _HARDWARE.names()
 
 
-def load_hardware(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
-    """A registered profile by name (``"a100"``), or one read from a YAML file.
+def load_hardware(name_or_path: HardwareProfile | str | os.PathLike[str]) -> HardwareProfile:
+    """A registered profile by name (``"a100"``), one read from a YAML file, or a
+    :class:`HardwareProfile` as is (e.g. what :func:`~stefx.profile.calibrate.calibrate`
+    returns).
 
     An unknown name raises :class:`~stefx.errors.RecipeError` naming the nearest one.
     """
+    if isinstance(name_or_path, HardwareProfile):
+        return name_or_path
     _load_builtins()
     path = _as_path(name_or_path)
     if path is None:
@@ -179,12 +212,48 @@ def roofline_latency(
     *,
     float_bits: int = 32,
 ) -> tuple[float, str]:
-    """(seconds, "compute-bound" | "memory-bound"): the larger of compute and memory time."""
+    """(seconds, "compute-bound" | "memory-bound" | "launch-bound") of one op: the larger
+    of compute and memory time at the achievable rates, plus the launch floor per kernel
+    (see the module docstring). A cost may say how many kernels it launches
+    (``cost.kernels``, default 1; 0 for an op fused into its neighbour); an op that moves
+    and computes nothing launches none."""
     mac_ops = 2 * cost.macs
-    compute = mac_ops / peak_ops(profile, _integer(w_bits, a_bits), float_bits=float_bits)
-    compute += max(cost.flops - mac_ops, 0) / peak_ops(profile, None, float_bits=32)
-    memory = cost.bytes_moved / profile.memory_bandwidth
-    return (compute, "compute-bound") if compute > memory else (memory, "memory-bound")
+    rate = profile.matmul_fraction
+    compute = mac_ops / (peak_ops(profile, _integer(w_bits, a_bits), float_bits=float_bits) * rate)
+    compute += max(cost.flops - mac_ops, 0) / (peak_ops(profile, None, float_bits=32) * rate)
+    memory = cost.bytes_moved / (profile.memory_bandwidth * profile.bandwidth_fraction)
+    busy = cost.flops > 0 or cost.macs > 0 or cost.bytes_moved > 0
+    kernels = getattr(cost, "kernels", 1) if busy else 0
+    launch = profile.launch_floor_s * kernels
+    bound = "compute-bound" if compute > memory else "memory-bound"
+    if launch > max(compute, memory):
+        bound = "launch-bound"
+    return max(compute, memory) + launch, bound
+
+
+def resolve_energy_table(
+    device: HardwareProfile, energy: EnergyTable | str | os.PathLike[str] | None = None
+) -> EnergyTable:
+    """The energy table a profile on ``device`` uses: ``energy`` when given (a name, a YAML
+    path or a table), else the device's own table (``energy:`` in its YAML), else the
+    Horowitz 45 nm default (``device.energy_is_default`` then says so)."""
+    if energy is None:
+        return device.energy
+    if isinstance(energy, EnergyTable):
+        return energy
+    return load_energy_table(energy)
+
+
+def energy_label(device: HardwareProfile, table: EnergyTable) -> str:
+    """How a report names its energy table: the device's own, the default, or chosen."""
+    if table is device.energy and not device.energy_is_default:
+        return f"{table.name} (the {device.name} profile's own table)"
+    if table.name == DEFAULT_ENERGY and (device.energy_is_default or table is device.energy):
+        return (
+            f"{table.name} (default: Horowitz 45 nm; {device.name} has no energy table of "
+            "its own, so energy is the same on every device)"
+        )
+    return f"{table.name} (chosen with energy=)"
 
 
 def _energy_table(hardware: HardwareProfile | EnergyTable | str) -> EnergyTable:
@@ -306,7 +375,56 @@ def _sources(data: Mapping[str, Any], where: str) -> tuple[str, ...]:
     return tuple(str(s) for s in sources)
 
 
+_DEVICE_KEYS = (
+    "name",
+    "kind",
+    "description",
+    "sources",
+    "assumptions",
+    "peak_ops",
+    "memory_bandwidth",
+    "energy",
+    "matmul_fraction",
+    "bandwidth_fraction",
+    "launch_floor_s",
+    "calibration",
+)
+_ENERGY_KEYS = (
+    "name",
+    "kind",
+    "description",
+    "sources",
+    "notes",
+    "add_pj",
+    "mult_pj",
+    "memory_access_pj",
+)
+
+
+def _check_keys(data: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
+    """A misspelt field would be silently ignored (``matmul_fracton``): refuse it."""
+    for key in data:
+        if key not in known:
+            raise RecipeError(
+                f"{where}: unknown field {key!r}{did_you_mean(str(key), known)}; "
+                f"known fields: {', '.join(known)}"
+            )
+
+
+def _fraction(data: Mapping[str, Any], key: str, where: str) -> float:
+    """An achievable fraction: 0 < value <= 1 (1.0 when absent: the peak is achieved)."""
+    value = data.get(key, 1.0)
+    number = _number(value, f"{where}: {key}")
+    if not 0 < number <= 1:
+        raise RecipeError(
+            f"{where}: {key} must be in (0, 1] (achieved rate / datasheet rate), got {value!r}; "
+            "a measured rate goes in peak_ops or memory_bandwidth with the fraction 1.0"
+        )
+    return number
+
+
 def _parse_energy(data: Mapping[str, Any], where: str) -> EnergyTable:
+    _check_keys(data, _ENERGY_KEYS, where)
     tables = {}
     for key in ("add_pj", "mult_pj"):
         table = _field(data, key, where)
@@ -328,6 +446,7 @@ def _parse_energy(data: Mapping[str, Any], where: str) -> EnergyTable:
 
 
 def _parse_device(data: Mapping[str, Any], where: str) -> HardwareProfile:
+    _check_keys(data, _DEVICE_KEYS, where)
     peaks: dict[str, float | None] = {}
     for dtype, value in dict(_field(data, "peak_ops", where)).items():
         if dtype not in DTYPES:
@@ -339,17 +458,43 @@ def _parse_device(data: Mapping[str, Any], where: str) -> HardwareProfile:
     bandwidth = _number(_field(data, "memory_bandwidth", where), f"{where}: memory_bandwidth")
     if bandwidth <= 0:
         raise RecipeError(f"{where}: memory_bandwidth must be > 0 bytes/s")
-    table = data.get("energy", "horowitz45nm")
-    energy_table = _parse_energy(table, where) if isinstance(table, dict) else None
+    floor = _number(data.get("launch_floor_s", 0.0), f"{where}: launch_floor_s")
+    if floor >= 0.1:
+        raise RecipeError(
+            f"{where}: launch_floor_s is {data['launch_floor_s']!r} seconds per kernel; "
+            "expected microseconds (e.g. 5.0e-6), written in seconds"
+        )
     return HardwareProfile(
         name=str(_field(data, "name", where)),
         description=str(_field(data, "description", where)).strip(),
         sources=_sources(data, where),
         peak_ops=MappingProxyType(peaks),
         memory_bandwidth=bandwidth,
-        energy=energy_table or _ENERGY.get(str(table)),
+        energy=_device_energy(data.get("energy"), where),
         assumptions=tuple(data.get("assumptions") or ()),
+        matmul_fraction=_fraction(data, "matmul_fraction", where),
+        bandwidth_fraction=_fraction(data, "bandwidth_fraction", where),
+        launch_floor_s=floor,
+        energy_is_default=data.get("energy") is None,
     )
+
+
+def _device_energy(table: Any, where: str) -> EnergyTable:
+    """A device's ``energy:`` field: absent (the default table), a registered name, or an
+    inline table (the same fields as an energy YAML, ``kind`` optional)."""
+    _load_builtins()
+    if table is None:
+        return _ENERGY.get(DEFAULT_ENERGY)
+    if isinstance(table, dict):
+        return _parse_energy({k: v for k, v in table.items() if k != "kind"}, f"{where}: energy")
+    if str(table) not in _ENERGY:
+        names = _ENERGY.names()
+        raise RecipeError(
+            f"{where}: energy: unknown energy table {table!r}{did_you_mean(str(table), names)}; "
+            f"registered: {', '.join(names)} (register_energy_table() adds one, or write the "
+            "table inline under energy:)"
+        )
+    return _ENERGY.get(str(table))
 
 
 def _parse(data: Mapping[str, Any], where: str) -> HardwareProfile | EnergyTable:

@@ -30,7 +30,7 @@ from stefx.errors import CaptureError, StefxError
 from stefx.match import module_op_kind, unread_weights
 from stefx.profile.costs import Cost, cost_of, dtype_bits
 from stefx.profile.fusion import FUSIONS, fuse_pointwise, quantize_cost
-from stefx.profile.hardware import energy, load_energy_table, load_hardware, roofline_latency
+from stefx.profile.hardware import energy, load_hardware, resolve_energy_table, roofline_latency
 from stefx.profile.measure import input_sizes, measure_model
 from stefx.profile.report import OpCost, Report
 from stefx.sites import op_sites
@@ -60,18 +60,22 @@ def profile(
     *,
     recipe: Any = None,
     plan: Any = None,
-    energy: str = "horowitz45nm",
+    energy: str | None = None,
     causal_halving: bool = False,
     measure: bool = False,
     capture: Capture | None = None,
     fusion: str = "pointwise",
+    acc_bits: int | None = None,
 ) -> Report:
     """Profile ``model`` before and after quantization; see the module docstring.
 
     plan: a :class:`~stefx.match.Plan`; default: the plan ``stefx.quantize`` stored on the
         model, or the one ``recipe`` gives (matched without changing the model), or none
         (then "after" equals "before").
-    hardware / energy: a hardware profile and an energy table, by name or YAML path.
+    hardware / energy: a hardware profile and an energy table, by name or YAML path;
+        ``energy=None``: the hardware profile's own table, else Horowitz 45 nm (labelled).
+    acc_bits: the integer accumulator's width for MAC energy (default: b_w + b_a, the
+        product's width; 32 for int32 accumulation).
     measure: also time the model on real tensors (not possible on the meta device).
     fusion: ``"pointwise"`` costs pointwise chains as the one kernel a runtime fuses them
         into, ``"none"`` every aten op as a kernel of its own (see :mod:`stefx.profile.fusion`).
@@ -101,8 +105,8 @@ def profile(
         )
     plan = _resolve_plan(model, cap, recipe, plan)
     device = load_hardware(hardware)
-    table = load_energy_table(energy)
-    costed = _cost_ops(model, cap, plan, device, table, causal_halving, fusion)
+    table = resolve_energy_table(device, energy)
+    costed = _cost_ops(model, cap, plan, device, table, causal_halving, fusion, acc_bits)
     samples, tokens = input_sizes(model, example_inputs)
     report = Report.build(
         costed,
@@ -170,7 +174,14 @@ def _not_run(model: nn.Module, cap: Capture, plan: Any) -> list[dict[str, Any]]:
 
 
 def _cost_ops(
-    model, cap: Capture, plan, device, table, causal_halving: bool, fusion: str = "pointwise"
+    model,
+    cap: Capture,
+    plan,
+    device,
+    table,
+    causal_halving: bool,
+    fusion: str = "pointwise",
+    acc_bits: int | None = None,
 ) -> list[OpCost]:
     """Cost every op before and after the plan, with hardware estimates; annotate
     ``node.meta["stefx.cost"]`` on the analysis graph."""
@@ -220,9 +231,9 @@ def _cost_ops(
                 after=after,
                 bits=after_bits,
                 float_bits=fb,
-                before_hw=_estimate(before, device, table, None, None, hw_bits),
+                before_hw=_estimate(before, device, table, None, None, hw_bits, acc_bits),
                 after_hw=_estimate(
-                    after, device, table, after_bits.w_bits, after_bits.a_bits, hw_bits
+                    after, device, table, after_bits.w_bits, after_bits.a_bits, hw_bits, acc_bits
                 ),
                 # only an op that counts the weights claims them (a transpose of a fused
                 # expert weight must not hide it from the experts op that reads it)
@@ -259,11 +270,38 @@ def _float_view(model: nn.Module) -> Iterator[None]:
             if any(k in ids for k in table):
                 saved.append((module, attr, table))
                 setattr(module, attr, type(table)((k, v) for k, v in table.items() if k not in ids))
+    restore = _show_packed_weights(model)
     try:
         yield
     finally:
         for module, attr, table in saved:
             setattr(module, attr, table)
+        restore()
+
+
+def _show_packed_weights(model: nn.Module):
+    """A converted model holds no float weight where it stores packed codes: put the
+    dequantized weight there while capturing (shapes and dtypes only matter), and return
+    what puts the empty slots back."""
+    import torch
+
+    from stefx.convert import packed_weights
+
+    slots = []
+    for fqn, (module, packed) in packed_weights(model).items():
+        local = fqn[len(fqn.rsplit(".", 1)[0]) + 1 :] if "." in fqn else fqn
+        for owner in module.modules():
+            if owner._parameters.get(local, 0) is None:
+                w = torch.nn.Parameter(packed.dequantized().detach(), requires_grad=False)
+                owner._parameters[local] = w
+                slots.append((owner, local))
+                break
+
+    def restore() -> None:
+        for owner, local in slots:
+            owner._parameters[local] = None
+
+    return restore
 
 
 def _without_quantizer_params(ops: list[OpNode], nodes: dict, model: nn.Module):
@@ -332,10 +370,10 @@ def _folded(op: OpNode, float_bits: int, into: str) -> Cost:
     )
 
 
-def _estimate(cost: Cost, device, table, w_bits, a_bits, float_bits: int) -> tuple:
+def _estimate(cost: Cost, device, table, w_bits, a_bits, float_bits: int, acc_bits=None) -> tuple:
     """(latency_s, bound, energy_j) of one op: roofline on ``device``, energy from ``table``."""
     latency, bound = roofline_latency(cost, device, w_bits, a_bits, float_bits=float_bits)
-    joules = energy(cost, table, w_bits, a_bits, float_bits=float_bits)
+    joules = energy(cost, table, w_bits, a_bits, float_bits=float_bits, acc_bits=acc_bits)
     return latency, bound, joules
 
 

@@ -54,6 +54,15 @@ def _layer_table(rows: list[LayerRow]) -> list[list[str]]:
     ]
 
 
+def _measured_cell(report: Report, key: str, unit: str = "") -> str:
+    """``before -> after`` of a measured quantity; "not measured" for a missing side."""
+    m = report.measured
+    b = m["before"][key] if m.get("before") else None
+    a = m["after"][key] if m.get("after") else None
+    after = _si(a, unit) if a is not None else "not measured"
+    return f"{_si(b, unit)} -> {after}"
+
+
 LAYER_HEADERS = [
     "layer",
     "op",
@@ -62,9 +71,9 @@ LAYER_HEADERS = [
     "size before -> after",
     "MACs",
     "BOPs before -> after",
-    "latency (est.)",
-    "bound",
-    "energy (est.)",
+    "latency after (est.)",
+    "bound after",
+    "energy after (est.)",
 ]
 
 
@@ -81,27 +90,29 @@ def _five(report: Report) -> list[list[str]]:
             "no",
             "counted",
         ],
-        ["FLOPs / MACs", f"{_si(b['flops'])} / {_si(b['macs'])}", "no", "counted"],
+        [
+            "FLOPs / MACs / BOPs",
+            f"{_si(b['flops'])} / {_si(b['macs'])} / {_si(b['bops'])} -> "
+            f"{_si(a['flops'])} / {_si(a['macs'])} / {_si(a['bops'])}",
+            "no",
+            "counted",
+        ],
         ["latency", lat, "yes", f"estimate ({report.hardware} roofline)"],
         [
             "energy",
             f"{_si(b['energy_j'], 'J')} -> {_si(a['energy_j'], 'J')}",
-            "yes",
+            "yes" if report.energy_per_device else "no (one table for every device)",
             f"estimate ({report.energy_table})",
         ],
         ["throughput", thr, "yes", f"estimate ({report.hardware} roofline)"],
     ]
     if m:
-        tok = f", {_si(m['tokens_per_s'])} tokens/s" if m.get("tokens_per_s") else ""
-        rows.append(["latency", _si(m["latency_s"], "s"), "yes", f"measured ({m['device']})"])
-        rows.append(
-            [
-                "throughput",
-                f"{_si(m['samples_per_s'])} samples/s{tok}",
-                "yes",
-                f"measured ({m['device']})",
-            ]
-        )
+        source = f"measured ({m['device']}); before: float model; after: {m['after_kind']}"
+        rows.append(["latency", _measured_cell(report, "latency_s", "s"), "yes", source])
+        thr = _measured_cell(report, "samples_per_s") + " samples/s"
+        if m["before"].get("tokens_per_s"):
+            thr += f" ({_measured_cell(report, 'tokens_per_s')} tokens/s)"
+        rows.append(["throughput", thr, "yes", source])
     return rows
 
 
@@ -175,35 +186,50 @@ def _sections(report: Report) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def _header(report: Report) -> list[str]:
+    """What the numbers mean: conventions, the latency model, the energy table and why,
+    how causal attention was counted, the cost model's notes, what was counted."""
     c = report.counts
-    return [
+    lines = [
         f"stefx profile: {report.model_name or 'model'}, recipe {report.recipe or 'none'}, "
         f"hardware {report.hardware}, energy {report.energy_table}",
         CONVENTIONS,
         "MACs: matmul-family multiply-accumulates (bias adds not counted). Latency, energy "
         "and throughput are estimates unless labelled measured.",
-        f"ops: {c['counted']} counted, {c['ignored']} ignored (views), "
-        f"{c['unsupported']} unsupported",
     ]
+    if report.roofline:
+        lines.append(f"latency: {report.roofline}")
+    lines.append(f"energy: {report.energy_label}")
+    if report.causal:
+        lines.append(f"attention: {report.causal}")
+    lines += [f"note: {n}" for n in report.notes]
+    lines.append(
+        f"ops: {c['counted']} counted, {c['ignored']} ignored (views), "
+        f"{c['unsupported']} unsupported"
+    )
+    return lines
 
 
-def _limited(report: Report, group_by: str, top_k: int | None, depth: int | None):
+def _limited(report: Report, group_by: str, top_k, depth, sort_by: str = "latency_s"):
+    """The rows to print: all, or the ``top_k`` largest in ``after[sort_by]`` (in table
+    order) and how many were left out."""
     rows = report.grouped(group_by, depth)
     if top_k is None or len(rows) <= top_k:
         return rows, 0
-    keep = sorted(rows, key=lambda r: r.before["flops"], reverse=True)[:top_k]
+    keep = sorted(rows, key=lambda r: r.after[sort_by], reverse=True)[:top_k]
     kept = {id(r) for r in keep}
     return [r for r in rows if id(r) in kept], len(rows) - top_k
 
 
-def text(report: Report, group_by: str, top_k: int | None, depth: int | None) -> str:
+def text(
+    report: Report, group_by: str, top_k: int | None, depth: int | None, sort_by="latency_s"
+) -> str:
     from tabulate import tabulate
 
-    rows, hidden = _limited(report, group_by, top_k, depth)
+    rows, hidden = _limited(report, group_by, top_k, depth, sort_by)
     lines = [*_header(report), ""]
     lines.append(tabulate(_layer_table(rows), headers=LAYER_HEADERS, tablefmt="simple"))
     if hidden:
-        lines.append(f"... {hidden} more rows (top_k={top_k} by FLOPs)")
+        lines.append(f"... {hidden} more rows (top_k={top_k} by {sort_by} after quantization)")
     for title, headers, body in _sections(report):
         lines += ["", title, tabulate(body, headers=headers, tablefmt="simple")]
     return "\n".join(lines)

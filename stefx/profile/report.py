@@ -37,8 +37,8 @@ METRICS = (
     "energy_j",
 )
 CONVENTIONS = (
-    "FLOPs = 2 x MACs; BOPs = MACs x b_w x b_a; OPs = FLOPs + BOPs/64 for binary layers "
-    "(Bi-Real Net / ReActNet)."
+    "FLOPs = 2 x MACs; BOPs = MACs x b_w x b_a; OPs = MACs of float layers + BOPs/64 of "
+    "binary ones, as Bi-Real Net and ReActNet count them (their FLOPs are MACs)."
 )
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")
 
@@ -67,7 +67,9 @@ class OpCost:
             "flops": cost.flops,
             "macs": cost.macs,
             "bops": cost.bops,
-            "ops": cost.bops / 64 if binary else float(cost.flops),
+            # Bi-Real Net (arXiv:1808.00278) and ReActNet (arXiv:2003.03488): OPs =
+            # BOPs/64 + the float multiply-accumulates ("FLOPs" in both papers)
+            "ops": cost.bops / 64 if binary else float(cost.macs),
             "act_bytes": cost.act_in_bytes + cost.act_out_bytes,
             "latency_s": latency,
             "energy_j": joules,
@@ -185,15 +187,24 @@ class Report:
         tokens: int | None = None,
         not_covered: list[dict[str, Any]] | None = None,
         notes: list[str] | None = None,
+        roofline: str = "",
+        energy_label: str = "",
+        energy_per_device: bool = True,
     ) -> None:
         self.ops = ops
         self.hardware, self.energy_table, self.recipe = hardware, energy_table, recipe
         self.model_name = model_name
         self.samples, self.tokens = samples, tokens
         self.not_covered = not_covered or []
+        #: lines about the cost model (capture notes, fusion...), printed in the header
         self.notes = notes or []
+        #: how latency was estimated, and which energy table was used and why
+        self.roofline = roofline
+        self.energy_label = energy_label or energy_table
+        self.energy_per_device = energy_per_device  # False: a table shared by every device
         self.measured: dict[str, Any] | None = None
         self.group_by, self.top_k, self.depth = "layer", None, None
+        self.sort_by = "latency_s"
         self.rows = self.grouped("layer")
         self.totals = self._totals()
 
@@ -201,6 +212,8 @@ class Report:
 
     @classmethod
     def build(cls, ops, cap, plan, device, table, *, model_name="", samples=1, tokens=None):
+        from stefx.profile.hardware import energy_label
+
         return cls(
             ops,
             hardware=device.name,
@@ -211,6 +224,9 @@ class Report:
             tokens=tokens,
             not_covered=_not_covered(ops, cap.tied_params),
             notes=list(cap.notes),
+            roofline=roofline_text(device),
+            energy_label=energy_label(device, table),
+            energy_per_device=table is device.energy and not device.energy_is_default,
         )
 
     def grouped(self, group_by: str = "layer", depth: int | None = None) -> list[LayerRow]:
@@ -266,6 +282,18 @@ class Report:
         return dict(sorted(c.items()))
 
     @property
+    def causal(self) -> str | None:
+        """How causal attention was counted (halved or not), from the attention ops' own
+        notes; None when the model has no causal attention."""
+        found = {
+            part.strip()
+            for oc in self.ops
+            for part in oc.before.note.split(";")
+            if part.strip().startswith("causal")
+        }
+        return "; ".join(sorted(found)) or None
+
+    @property
     def ratios(self) -> dict[str, float | None]:
         """before / after for size (param bytes), BOPs and estimated energy."""
         b, a = self.totals["before"], self.totals["after"]
@@ -278,18 +306,40 @@ class Report:
     # -- renderers -----------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"totals": {"before", "after"}, "layers": [{"name", "op", "before", "after"}]}``."""
+        """``{"totals": {"before", "after"}, "layers": [{"name", "op", "before", "after"}]}``.
+
+        With ``measure=True`` also ``"measured"`` (device, runs, what "after" timed) and, in
+        ``totals[w]``, ``measured_latency_s`` / ``measured_samples_per_s`` /
+        ``measured_tokens_per_s`` / ``measured_kind``: "before" is the float model, "after"
+        the quantized model as given (converted or the fake-quant step; ``measured_kind``
+        says which) or None with the reason when there is none. Layers get
+        ``measured_exclusive_s`` (the module's own time, children excluded, as the
+        estimated rows) where the row is a module.
+        """
         totals = {w: dict(v) for w, v in self.totals.items()}
         layers = [r.to_dict() for r in self.rows]
-        if self.measured:
-            which = "after" if self.recipe else "before"
-            totals[which]["measured_latency_s"] = self.measured["latency_s"]
-            totals[which]["measured_samples_per_s"] = self.measured["samples_per_s"]
-            totals[which]["measured_tokens_per_s"] = self.measured["tokens_per_s"]
+        out: dict[str, Any] = {"totals": totals, "layers": layers}
+        if not self.measured:
+            return out
+        m = self.measured
+        kinds = {"before": "float model", "after": m["after_kind"]}
+        for which in ("before", "after"):
+            side = m.get(which)
+            t = totals[which]
+            t["measured_kind"] = kinds[which]
+            for key in ("latency_s", "samples_per_s", "tokens_per_s"):
+                t[f"measured_{key}"] = side[key] if side else None
             for layer in layers:
-                if layer["name"] in self.measured["layers"]:
-                    layer[which]["measured_latency_s"] = self.measured["layers"][layer["name"]]
-        return {"totals": totals, "layers": layers}
+                exclusive = side["layers"].get(layer["name"]) if side else None
+                if exclusive is not None:
+                    layer[which]["measured_exclusive_s"] = exclusive
+        out["measured"] = {
+            "device": m["device"],
+            "runs": m["runs"],
+            "after_kind": m["after_kind"],
+            "per_layer": "exclusive: a module's time minus its timed children's",
+        }
+        return out
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -311,14 +361,27 @@ class Report:
 
         return markdown(self)
 
-    def table(self, group_by: str | None = None, top_k: int | None = None, depth=None) -> str:
+    def table(
+        self,
+        group_by: str | None = None,
+        top_k: int | None = None,
+        depth=None,
+        sort_by: str | None = None,
+    ) -> str:
+        """The printed report; ``top_k`` keeps the rows largest in ``sort_by`` after
+        quantization (a :data:`METRICS` key; default ``latency_s``, so the slowest rows,
+        memory-bound ones included, stay visible)."""
         from stefx.profile.render import text
 
+        sort_by = sort_by or self.sort_by
+        if sort_by not in METRICS:
+            raise StefxError(f"sort_by={sort_by!r}: choose one of {list(METRICS)}")
         return text(
             self,
             group_by or self.group_by,
             top_k if top_k is not None else self.top_k,
             depth if depth is not None else self.depth,
+            sort_by,
         )
 
     def __str__(self) -> str:
@@ -336,6 +399,17 @@ class Report:
         from stefx.profile.render import plot
 
         return plot(self, path)
+
+
+def roofline_text(device: Any) -> str:
+    """The latency model of a hardware profile, as the report header prints it."""
+    from stefx.profile.render import _si
+
+    return (
+        f"roofline on {device.name} at achievable rates: max(compute / (peak x "
+        f"{device.matmul_fraction:g}), bytes / (bandwidth x {device.bandwidth_fraction:g})) "
+        f"+ {_si(device.launch_floor_s, 's')} launch floor per kernel"
+    )
 
 
 def _ratio(before: float, after: float) -> float | None:
