@@ -173,3 +173,13 @@ def test_moe_totals_are_the_real_parameter_count(impl):
         p.numel() for n, p in model.named_parameters() if n.startswith("model.layers.0.mlp.experts")
     )
     assert math.isclose(row.after["param_bytes"] * 8 / row.before["params"], 4.5, rel_tol=0.2)
+
+
+def test_the_accumulator_width_is_a_setting():
+    net = nn.Sequential(nn.Linear(256, 256))
+    x = torch.randn(64, 256)
+    narrow = stefx.profile(net, (x,), recipe="w8a8")
+    wide = stefx.profile(net, (x,), recipe="w8a8", acc_bits=32)
+    # an int8 x int8 MAC accumulates in 16 bits by default; int32 adders cost more energy
+    assert wide.totals["after"]["energy_j"] > narrow.totals["after"]["energy_j"]
+    assert wide.totals["before"]["energy_j"] == narrow.totals["before"]["energy_j"]
