@@ -23,6 +23,17 @@ __version__ = "0.1.0"
 if "transformers" in __import__("sys").modules:  # from_pretrained knows quant_method: stefx
     import stefx.hf  # noqa: F401  (registers the plug-in; transformers is loaded already)
 
+
+
+def __getattr__(name: str):
+    """``stefx.trainer`` (needs transformers) and ``stefx.hf`` load on first use."""
+    if name in ("trainer", "hf"):
+        import importlib
+
+        return importlib.import_module(f"stefx.{name}")
+    raise AttributeError(f"module 'stefx' has no attribute {name!r}")
+
+
 __all__ = [
     "CaptureError",
     "ConvertError",

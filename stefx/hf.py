@@ -187,9 +187,25 @@ def attach_config(model: nn.Module) -> None:
     from stefx.convert import converted_weights
     from stefx.saving import plan_to_dict
 
+    if _method(getattr(model.config, "quantization_config", None)) != METHOD:
+        _own_config(model)
     model.config.quantization_config = StefxConfig(
         plan=plan_to_dict(plan_of(model)), converted=converted_weights(model)
     )
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` a config object of its own before stefx writes into it: transformers
+    5's ``from_config(config)`` keeps the caller's object, and writing the plan there would
+    make every model later built from it look quantized. Modules inside that share the
+    config keep sharing the copy."""
+    import copy
+
+    old = model.config
+    new = copy.deepcopy(old)
+    for module in model.modules():
+        if module.__dict__.get("config") is old:
+            module.config = new
 
 
 def detach_config(model: nn.Module) -> None:
