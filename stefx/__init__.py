@@ -24,7 +24,6 @@ if "transformers" in __import__("sys").modules:  # from_pretrained knows quant_m
     import stefx.hf  # noqa: F401  (registers the plug-in; transformers is loaded already)
 
 
-
 def __getattr__(name: str):
     """``stefx.trainer`` (needs transformers) and ``stefx.hf`` load on first use."""
     if name in ("trainer", "hf"):
