@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from stefx.convert import ConvertError, PackedWeight
-from stefx.export.common import RequantizedWarning
+from stefx.export.common import RequantizedWarning, refuse
 
 __all__ = ["GGUF_TYPES", "write_gguf"]
 
@@ -110,13 +110,7 @@ def write_gguf(
     work = copy.deepcopy(base).eval()
     plan, problems = _plan(work, ternary.upper())
     if problems and strict:
-        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-        raise ConvertError(
-            f"export gguf: {len(problems)} layer(s) are not on a GGUF type's lattice (nothing "
-            "was written; strict=False re-quantizes them and reports the error):\n  "
-            + "\n  ".join(problems[:8])
-            + more
-        )
+        raise refuse("gguf", problems)
     tensors, report = _tensors(work, plan, cfg, ternary.upper(), float_type, gguf)
     if report:
         lines = [

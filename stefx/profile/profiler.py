@@ -315,19 +315,7 @@ def _without_quantizer_params(ops: list[OpNode], nodes: dict, model: nn.Module):
         if isinstance(m, Quantizer)
         for p, _ in m.named_parameters()
     }
-    if not owned:
-        return ops, nodes
-    out, out_nodes = [], {}
-    for op in ops:
-        node = nodes.get(id(op))
-        if any(fqn in owned for fqn in op.params.values()):
-            keep = {r: f for r, f in op.params.items() if f not in owned}
-            shapes = {r: s for r, s in op.param_shapes.items() if r in keep}
-            op = replace(op, params=keep, param_shapes=shapes)
-        out.append(op)
-        if node is not None:
-            out_nodes[id(op)] = node
-    return out, out_nodes
+    return _drop_params(ops, nodes, lambda op, fqn: fqn in owned)
 
 
 def _without_claimed_params(ops: list[OpNode], nodes: dict):
@@ -335,11 +323,17 @@ def _without_claimed_params(ops: list[OpNode], nodes: dict):
     it could cost inside (fused expert tensors): those weights belong to their own ops, so
     the opaque op keeps only the rest (each weight counts once, at its own bits)."""
     claimed = {fqn for op in ops if op.kind != "opaque" for fqn in op.params.values()}
+    return _drop_params(ops, nodes, lambda op, fqn: op.kind == "opaque" and fqn in claimed)
+
+
+def _drop_params(ops: list[OpNode], nodes: dict, drop) -> tuple[list[OpNode], dict]:
+    """``ops`` without the parameters ``drop(op, fqn)`` names, and ``nodes`` re-keyed to
+    the new op objects."""
     out, out_nodes = [], {}
     for op in ops:
         node = nodes.get(id(op))
-        if op.kind == "opaque" and any(f in claimed for f in op.params.values()):
-            keep = {r: f for r, f in op.params.items() if f not in claimed}
+        if any(drop(op, fqn) for fqn in op.params.values()):
+            keep = {r: f for r, f in op.params.items() if not drop(op, f)}
             shapes = {r: sh for r, sh in op.param_shapes.items() if r in keep}
             op = replace(op, params=keep, param_shapes=shapes)
         out.append(op)
