@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 PRESETS = ["w8a8", "w4a8", "w4a16-g128", "w2a16-g64", "bitnet-b158", "ternary-twn", "w1a8",
            "xnor", "bnn"]  # fmt: skip
-MODELS = ["llama", "gpt2", "qwen2_moe", "residual_cnn"]
+MODELS = ["llama", "gpt2", "qwen3", "qwen2_moe", "residual_cnn"]
 
 
 def _run(model, inputs):
