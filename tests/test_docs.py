@@ -143,3 +143,20 @@ def test_images_referenced_exist():
         for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", doc.read_text()):
             if not target.startswith("http"):
                 assert (doc.parent / target).is_file(), f"{doc.name}: missing image {target}"
+
+
+def test_readme_example_prints_what_the_readme_shows():
+    """The ten-line example's printed output in README.md is what it prints today."""
+    import contextlib
+    import io
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    found = re.search(
+        r"## In ten lines\n\n```python\n(.*?)```\nprints\n\n```text\n(.*?)```", text, re.S
+    )
+    assert found, "README.md: the '## In ten lines' example and its output block"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(found.group(1), "README.md", "exec"), {})
+    assert out.getvalue() == found.group(2)

@@ -235,6 +235,18 @@ def text(
     return "\n".join(lines)
 
 
+def summary(report: Report) -> str:
+    """One line of what was profiled, then the five classic metrics, before -> after."""
+    from tabulate import tabulate
+
+    title = f"stefx profile: {report.model_name}"
+    if report.recipe:
+        title += f", recipe {report.recipe}"
+    title += f", hardware {report.hardware} (estimates)"
+    headers = ["metric", "before -> after", "hardware-dependent"]
+    return title + "\n" + tabulate([r[:3] for r in _five(report)], headers=headers)
+
+
 def markdown(report: Report) -> str:
     """Markdown: the layer table with exact numbers, then the same sections as the text."""
     from tabulate import tabulate

@@ -384,6 +384,13 @@ class Report:
             sort_by,
         )
 
+    def summary(self) -> str:
+        """The short form: the five classic metrics before -> after, and which of them
+        depend on the hardware (the full report is ``str(report)``)."""
+        from stefx.profile.render import summary
+
+        return summary(self)
+
     def __str__(self) -> str:
         return self.table()
 
