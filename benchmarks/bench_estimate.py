@@ -9,6 +9,11 @@ largest layers (by MACs; a layer's estimate is its module's rows, op-path rows s
     .venv/bin/python benchmarks/bench_estimate.py              # 1 torch thread
     .venv/bin/python benchmarks/bench_estimate.py --threads 2
 
+Each model is estimated twice: as a fused runtime would run it (the default, pointwise
+chains one kernel, views free) and as PyTorch eager mode runs it (``fusion="eager"``:
+every aten op a dispatch paying the launch floor, views included), which is what the
+measurement times.
+
 Models: the test zoo's Llama, GPT-2 and residual CNN (tiny: launch and Python overhead
 dominate) and a larger Llama and GPT-2 (hidden 512, 4 layers, 128 tokens) where the
 matmuls dominate. One thread by default: on a machine shared with other jobs, several
@@ -83,6 +88,7 @@ def compare(model, inputs, hardware) -> dict:
     from stefx.profile import profile
 
     rep = profile(model, inputs, hardware=hardware, measure=True)
+    eager = profile(model, inputs, hardware=hardware, fusion="eager")
     est_total = rep.totals["before"]["latency_s"]
     measured = rep.measured["before"]
     modules = set(measured["layers"])
@@ -98,6 +104,7 @@ def compare(model, inputs, hardware) -> dict:
         "estimate_s": est_total,
         "measured_s": measured["latency_s"],
         "ratio": est_total / measured["latency_s"],
+        "eager_ratio": eager.totals["before"]["latency_s"] / measured["latency_s"],
         "layers": layers,
     }
 
@@ -129,10 +136,10 @@ def main() -> None:
         )
         print()
         print(
-            "| model | estimate ms | measured ms | estimate / measured | "
-            "3 largest layers: estimate / measured (exclusive) |"
+            "| model | estimate ms | measured ms | estimate / measured | fusion='eager' / "
+            "measured | 3 largest layers: estimate / measured (exclusive) |"
         )
-        print("|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|")
         for name, model, inputs in _models():
             r = compare(model, inputs, hw)
             layers = "; ".join(
@@ -144,7 +151,7 @@ def main() -> None:
             )
             print(
                 f"| {name} | {_ms(r['estimate_s'])} | {_ms(r['measured_s'])} | "
-                f"{r['ratio']:.2f}x | {layers} |"
+                f"{r['ratio']:.2f}x | {r['eager_ratio']:.2f}x | {layers} |"
             )
 
 

@@ -129,7 +129,10 @@ def test_launch_floor_is_added_per_kernel_and_views_launch_nothing(tmp_path):
     assert roofline_latency(big, device) == (pytest.approx(4e-3 + 4e-6), "compute-bound")
     moving = Cost(act_in_bytes=1e6)  # 1e6 / (1e11 x 0.25) = 40 us
     assert roofline_latency(moving, device) == (pytest.approx(40e-6 + 4e-6), "memory-bound")
-    assert roofline_latency(Cost(), device) == (0.0, "memory-bound")  # a view: nothing
+    view = Cost(status="ignored", kernels=0)  # a view launches nothing
+    assert roofline_latency(view, device) == (0.0, "memory-bound")
+    eager = Cost(status="ignored", kernels=1)  # the same view dispatched by eager PyTorch
+    assert roofline_latency(eager, device) == (pytest.approx(4e-6), "launch-bound")
 
 
 ENERGY_TABLE = """

@@ -183,3 +183,17 @@ def test_the_accumulator_width_is_a_setting():
     # an int8 x int8 MAC accumulates in 16 bits by default; int32 adders cost more energy
     assert wide.totals["after"]["energy_j"] > narrow.totals["after"]["energy_j"]
     assert wide.totals["before"]["energy_j"] == narrow.totals["before"]["energy_j"]
+
+
+def test_eager_fusion_charges_every_dispatch_views_included():
+    model, ids = _gpt2()
+    fused = stefx.profile(model, (ids,), "a100")
+    eager = stefx.profile(model, (ids,), "a100", fusion="eager")
+    unfused = stefx.profile(model, (ids,), "a100", fusion="none")
+    floor = 5e-6  # a100.yaml's launch floor per kernel
+    views = sum(row.status.get("ignored", 0) for row in eager.rows)
+    extra = eager.totals["before"]["latency_s"] - unfused.totals["before"]["latency_s"]
+    dispatches = extra / floor  # a whole number of floors: one per view or no-op
+    assert dispatches == pytest.approx(round(dispatches), abs=1e-6) and dispatches >= views
+    assert fused.totals["before"]["latency_s"] < unfused.totals["before"]["latency_s"]
+    assert any("fusion='eager'" in n for n in eager.notes)

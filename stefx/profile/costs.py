@@ -175,7 +175,8 @@ def cost_of(
         scale_overhead_bits=scale_overhead_bits if scale_overhead_bits is not None else float_bits,
     )
     if _on_sizes(op):
-        return Cost(status="ignored", note="arithmetic on sizes (Python ints), not on tensors")
+        note = "arithmetic on sizes (Python ints), not on tensors"
+        return Cost(status="ignored", note=note, kernels=0)
     if op.kind not in _FORMULAS:
         hint = did_you_mean(op.kind, _FORMULAS.names())
         return unsupported(op, settings, f"no cost formula for kind {op.kind!r}{hint}")

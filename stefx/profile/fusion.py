@@ -18,8 +18,11 @@ once. With ``fusion="pointwise"`` (the default) stefx costs the way such a runti
   the op's epilogue: the op writes the narrow tensor (4 FLOPs per element), no extra pass.
 
 ``fusion="none"`` keeps the unfused view (every op a kernel with its own DRAM traffic),
-labelled as such in the report. Norms, softmax and reductions are not fused into chains
-(a runtime may fuse a residual add into the norm that follows; stefx does not assume it).
+labelled as such in the report. ``fusion="eager"`` models PyTorch eager mode: unfused,
+and every aten op — views, reshapes and eval-mode dropout included — pays the hardware's
+launch floor, since each is one dispatch from Python (what ``measure=True`` times).
+Norms, softmax and reductions are not fused into chains (a runtime may fuse a residual
+add into the norm that follows; stefx does not assume it).
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ import torch.fx
 from stefx.capture.graph import OpNode
 from stefx.profile.costs import QUANTIZE_FLOPS, Cost, dtype_bits
 
-__all__ = ["FUSIONS", "fuse_pointwise", "quantize_cost"]
+__all__ = ["FUSIONS", "eager_dispatch", "fuse_pointwise", "quantize_cost"]
 
-FUSIONS = ("pointwise", "none")
+FUSIONS = ("pointwise", "none", "eager")
 _POINTWISE = frozenset({"elementwise"})
 
 
@@ -122,6 +125,14 @@ def fuse_pointwise(
                     )  # fmt: skip
         fused += 1
     return fused
+
+
+def eager_dispatch(costs: dict[int, list[Cost]]) -> None:
+    """``fusion="eager"``: every op is a dispatch of its own, layout ops included."""
+    for pair in costs.values():
+        for i, c in enumerate(pair):
+            if c.kernels == 0:
+                pair[i] = replace(c, kernels=1.0)
 
 
 def quantize_cost(cost: Cost, op: OpNode, inputs: list[tuple[int, float, int]],

@@ -215,16 +215,14 @@ def roofline_latency(
     """(seconds, "compute-bound" | "memory-bound" | "launch-bound") of one op: the larger
     of compute and memory time at the achievable rates, plus the launch floor per kernel
     (see the module docstring). A cost may say how many kernels it launches
-    (``cost.kernels``, default 1; 0 for an op fused into its neighbour); an op that moves
-    and computes nothing launches none."""
+    (``cost.kernels``, default 1; 0 for a view, an eval-mode no-op or an op fused into its
+    neighbour)."""
     mac_ops = 2 * cost.macs
     rate = profile.matmul_fraction
     compute = mac_ops / (peak_ops(profile, _integer(w_bits, a_bits), float_bits=float_bits) * rate)
     compute += max(cost.flops - mac_ops, 0) / (peak_ops(profile, None, float_bits=32) * rate)
     memory = cost.bytes_moved / (profile.memory_bandwidth * profile.bandwidth_fraction)
-    busy = cost.flops > 0 or cost.macs > 0 or cost.bytes_moved > 0
-    kernels = getattr(cost, "kernels", 1) if busy else 0
-    launch = profile.launch_floor_s * kernels
+    launch = profile.launch_floor_s * cost.kernels
     bound = "compute-bound" if compute > memory else "memory-bound"
     if launch > max(compute, memory):
         bound = "launch-bound"

@@ -29,7 +29,7 @@ from stefx.capture.kinds import FUNCTIONAL_KINDS, MODULE_WEIGHT_KINDS
 from stefx.errors import CaptureError, StefxError
 from stefx.match import module_op_kind, unread_weights
 from stefx.profile.costs import Cost, cost_of, dtype_bits
-from stefx.profile.fusion import FUSIONS, fuse_pointwise, quantize_cost
+from stefx.profile.fusion import FUSIONS, eager_dispatch, fuse_pointwise, quantize_cost
 from stefx.profile.hardware import energy, load_hardware, resolve_energy_table, roofline_latency
 from stefx.profile.measure import input_sizes, measure_model
 from stefx.profile.report import OpCost, Report
@@ -78,7 +78,9 @@ def profile(
         product's width; 32 for int32 accumulation).
     measure: also time the model on real tensors (not possible on the meta device).
     fusion: ``"pointwise"`` costs pointwise chains as the one kernel a runtime fuses them
-        into, ``"none"`` every aten op as a kernel of its own (see :mod:`stefx.profile.fusion`).
+        into, ``"none"`` every aten op as a kernel of its own, ``"eager"`` as PyTorch eager
+        mode runs it (unfused, every op a dispatch, views too); see
+        :mod:`stefx.profile.fusion`.
     """
     from stefx.capture import capture as capture_model
 
@@ -128,12 +130,15 @@ def profile(
 def _cost_model_notes(fusion: str, quantized: bool) -> list[str]:
     """What the cost model assumes, for the report's header."""
     notes = [
-        "cost model: pointwise chains fused into one kernel (each reads its inputs and "
-        "writes its outputs once), views and eval-mode dropout free, copies (cat, pad, "
-        "index...) at their bytes"
-        if fusion == "pointwise"
-        else "cost model: fusion='none': every aten op is a kernel of its own, reading and "
-        "writing its tensors in memory (no runtime runs a model this way)"
+        {
+            "pointwise": "cost model: pointwise chains fused into one kernel (each reads its "
+            "inputs and writes its outputs once), views and eval-mode dropout free, copies "
+            "(cat, pad, index...) at their bytes",
+            "none": "cost model: fusion='none': every aten op is a kernel of its own, reading "
+            "and writing its tensors in memory (no runtime runs a model this way)",
+            "eager": "cost model: fusion='eager': PyTorch eager mode, every aten op a kernel "
+            "of its own and a dispatch (views included) paying the launch floor",
+        }[fusion]
     ]
     if quantized:
         notes.append(
@@ -210,7 +215,9 @@ def _cost_ops(
             )
         costs[id(op)] = [before, after]
     if fusion == "pointwise":
-        fuse_pointwise(cap.graph, ops, {k: v for k, v in nodes.items()}, costs)
+        fuse_pointwise(cap.graph, ops, nodes, costs)
+    elif fusion == "eager":
+        eager_dispatch(costs)
     costed: list[OpCost] = []
     for op in ops:
         fb = dtype_bits(op.dtype) if op.dtype else 32
@@ -361,6 +368,7 @@ def _folded(op: OpNode, float_bits: int, into: str) -> Cost:
         params=channels,
         param_bytes=channels * float_bits / 8,
         note=f"folded into {into} (a per-channel bias remains)",
+        kernels=0,
     )
 
 
