@@ -137,8 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qat-steps", type=int, default=300)
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 128 bytes")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="llama.cpp speed and memory only, on untrained weights (speed does not depend "
+        "on their values): re-measure on a quiet machine",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.speed_only:
+        return speed_only(args)
     try:
         import llama_cpp  # noqa: F401
 
@@ -221,6 +229,34 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     f16 = next(s for s in speed if s[0] == "float F16")
     for name, size, pp, tg, mem in speed:
+        print(f"| {name} | {size / 1e3:.0f} | {mem:.2f} | {pp:.0f} | {tg:.0f} | "
+              f"{pp / f16[2]:.2f}x, {tg / f16[3]:.2f}x |")  # fmt: skip
+
+
+def speed_only(args) -> None:
+    """The speed table alone: float F32/F16 and each preset's file, untrained weights."""
+    data = corpus()
+    tmp = Path(tempfile.mkdtemp())
+    model = build(0).eval()
+    files = [
+        (f"float {ft.upper()}", stefx.export(model, tmp / f"f-{ft}.gguf", "gguf", float_type=ft))
+        for ft in ("f32", "f16")
+    ]
+    for preset in args.presets.split(","):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = stefx.quantize(copy.deepcopy(model), preset, report=False).eval()
+        files.append((preset, stefx.export(q, tmp / f"{preset}.gguf", format="gguf")))
+    print(f"llama.cpp on {args.threads} threads, median of 5: prompt {SEQ} tokens, then 32 "
+          "tokens one at a time\n")  # fmt: skip
+    print("| file | size (kB) | model in memory (MB) | prompt tok/s | generation tok/s |"
+          " prompt, generation vs F16 |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    rows = [
+        (n, p.stat().st_size, *llama_cpp_run(p, data, 1, args.threads, 5)[1:]) for n, p in files
+    ]
+    f16 = rows[1]
+    for name, size, pp, tg, mem in rows:
         print(f"| {name} | {size / 1e3:.0f} | {mem:.2f} | {pp:.0f} | {tg:.0f} | "
               f"{pp / f16[2]:.2f}x, {tg / f16[3]:.2f}x |")  # fmt: skip
 
