@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _verb(sub, "demo", "the whole cycle on the LM shipped with stefx, offline",
                  "stefx demo --recipe w4a8 --plot demo.png", _demo)  # fmt: skip
     demo.add_argument("--recipe", default="bitnet-b158", help="preset name or recipe file")
-    demo.add_argument("--steps", type=int, default=150, help="fine-tuning steps (QAT and float)")
+    demo.add_argument("--steps", type=int, default=300, help="fine-tuning steps (QAT and float)")
     demo.add_argument("--plot", help="write loss curves and size/quality to this PNG")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 

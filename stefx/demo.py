@@ -153,7 +153,7 @@ def _size(model) -> int:
 
 def run_demo(
     recipe: str = "bitnet-b158",
-    steps: int = 150,
+    steps: int = 300,
     *,
     lr: float = 3e-4,
     eval_windows: int = 96,
@@ -258,9 +258,10 @@ def _plot(path: str, curves: dict, rows: list, recipe: str) -> None:
         a.plot(smooth.tolist(), label=name if name == "float" else f"QAT {recipe}")
     a.set(xlabel="fine-tuning step", ylabel="training loss (10-step mean)", title="fine-tuning")
     a.legend()
-    for name, size, _, _, p in rows:
+    for i, (name, size, _, _, p) in enumerate(rows):
         b.scatter(size / 1e6, p)
-        b.annotate(name, (size / 1e6, p), fontsize=8)
+        offset = (-110 if size == rows[0][1] else 6, 6 + 10 * (i % 2))  # keep labels apart
+        b.annotate(name, (size / 1e6, p), xytext=offset, textcoords="offset points", fontsize=8)
     b.set(xlabel="size (MB)", ylabel="held-out perplexity per byte", title="size vs quality")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
