@@ -25,12 +25,12 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check stefx tests benchmarks examples
-	$(BIN)/ruff format --check stefx tests benchmarks examples
+	$(BIN)/ruff check stefx tests benchmarks examples tools
+	$(BIN)/ruff format --check stefx tests benchmarks examples tools
 
 format: $(STAMP)
-	$(BIN)/ruff format stefx tests benchmarks examples
-	$(BIN)/ruff check --fix stefx tests benchmarks examples
+	$(BIN)/ruff format stefx tests benchmarks examples tools
+	$(BIN)/ruff check --fix stefx tests benchmarks examples tools
 
 # Benchmarks, with the other counters the profile is compared against (fvcore, ptflops).
 bench: $(STAMP)
