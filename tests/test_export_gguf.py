@@ -271,3 +271,29 @@ def test_llama_cpp_loads_the_file_and_computes_what_stefx_computes(tmp_path):
             assert err.median() < 0.01 * want.abs().max(), preset
             if not isinstance(model, transformers.MixtralForCausalLM):
                 assert err.max() < 0.03 * want.abs().max(), preset
+
+
+@pytest.mark.parametrize("preset", ["gguf-q4_0", "gguf-q8_0", "gguf-tq2_0"])
+def test_fp16_scales_survive_torch_compile(preset):
+    """inductor keeps fused fp16 casts in fp32; stefx rounds the scale on its bits, so a
+    compiled quantizer is on the same lattice as the eager one (and the file)."""
+    from stefx.recipe import load_recipe
+
+    rule = load_recipe(preset).rules[0]
+    g = torch.Generator().manual_seed(0)
+    cases = [(rule.weights, torch.randn(64, 256, generator=g)),
+             (rule.input_activations, 3 * torch.randn(2, 16, 256, generator=g))]  # fmt: skip
+    for spec, x in cases:
+        q = make_quantizer(spec).eval()
+        with torch.no_grad():
+            assert torch.equal(torch.compile(q, fullgraph=True)(x), q(x))
+
+
+def test_scale_rounding_is_the_cast_bit_for_bit():
+    from stefx.ste.uniform import stored_scale
+
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(200_000, generator=g) * 10 ** torch.empty(200_000).uniform_(-9, 5, generator=g)
+    v = torch.cat([v, torch.tensor([0.0, 6.1e-5, 65504.0, 65520.0, 1e6, 2.0**-24 * 1.5])])
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        assert torch.equal(stored_scale(v, name), v.to(dtype).float()), name

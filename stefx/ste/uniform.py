@@ -63,10 +63,23 @@ SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 def stored_scale(scale: Tensor, scale_dtype: str) -> Tensor:
-    """The scale that multiplies the codes: ``scale`` (fp32) rounded to ``scale_dtype``."""
+    """The scale that multiplies the codes: ``scale`` (fp32) rounded to ``scale_dtype``,
+    nearest, ties to even, as ``.to(dtype)`` rounds. Computed on the fp32 bits rather
+    than by a cast, because inductor keeps fused fp16 intermediates in fp32 and would drop
+    a ``.to(float16).to(float32)`` round trip: compiled and eager must give the same
+    lattice."""
     if scale_dtype == "float32":
         return scale
-    return scale.to(SCALE_DTYPES[scale_dtype]).to(scale.dtype)
+    s = scale.float()
+    drop = 13 if scale_dtype == "float16" else 16  # mantissa bits fp32 has and it lacks
+    bits = s.view(torch.int32)
+    odd = (bits >> drop) & 1
+    rounded = ((bits + ((1 << (drop - 1)) - 1) + odd) & ~((1 << drop) - 1)).view(torch.float32)
+    if scale_dtype == "float16":  # below 2^-14 fp16 is subnormal: steps of 2^-24
+        tiny = torch.round(s * 2.0**24) * 2.0**-24
+        rounded = torch.where(s.abs() < 2.0**-14, tiny, rounded)
+        rounded = torch.where(rounded.abs() > 65504.0, s.sign() * float("inf"), rounded)
+    return torch.where(torch.isnan(s), s, rounded).to(scale.dtype)
 
 
 def _round(codes: ops.Scratch, rounding: str, qmin: int) -> ops.Scratch:
