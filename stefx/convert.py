@@ -42,6 +42,7 @@ __all__ = [
     "convert",
     "converted_weights",
     "pack",
+    "packed_slots",
     "packed_weights",
     "unpack",
 ]
@@ -235,6 +236,21 @@ def packed_weights(model: nn.Module) -> dict[str, tuple[nn.Module, PackedWeight]
     return out
 
 
+def packed_slots(model: nn.Module) -> list[tuple[nn.Module, str, PackedWeight]]:
+    """(the module whose ``_parameters`` holds the weight's empty slot, the key there, its
+    :class:`PackedWeight`) for each weight of ``model`` stored packed."""
+    from stefx.rewrite import STATE_ATTR, quantized_modules
+    from stefx.runtime import param_slot
+
+    out = []
+    for module in quantized_modules(model).values():
+        for p, qname in module.__dict__[STATE_ATTR].swaps.items():
+            packed = module._modules.get(qname)
+            if isinstance(packed, PackedWeight):
+                out.append((*param_slot(module, p), packed))
+    return out
+
+
 def converted_weights(model: nn.Module) -> list[str]:
     """FQNs of the weights of ``model`` stored packed (what :func:`stefx.save` records)."""
     return list(packed_weights(model))
@@ -257,6 +273,7 @@ def convert(model: nn.Module, *, only: list[str] | None = None, layout: bool = F
     """
     from stefx.api import _hf_plugin, target_of
     from stefx.rewrite import STATE_ATTR, quantized_modules
+    from stefx.runtime import param_slot
 
     if not isinstance(model, nn.Module):
         raise ConvertError(
@@ -317,8 +334,7 @@ def convert(model: nn.Module, *, only: list[str] | None = None, layout: bool = F
         if lat is not None:
             packed.store(codes, lat)
         module._modules[qname] = packed
-        owner_name, _, key = p.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
+        owner, key = param_slot(module, p)
         owner._parameters[key] = None  # the runtime swaps the dequantized weight in
         if fold is not None:
             _fold_for_good(base, names, module, state, p, fold, values=not layout)

@@ -214,8 +214,10 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def dequantize(model: nn.Module) -> nn.Module:
     """Remove every stefx quantizer and hook: the model is its float self again (in place)."""
-    from stefx.convert import PackedWeight
+    from stefx.convert import packed_slots
 
+    # stefx.convert's packed weights come back as float Parameters holding their values
+    unpacked = [(owner, key, packed.dequantized()) for owner, key, packed in packed_slots(model)]
     for module in quantized_modules(model).values():
         state: ModuleState = module.__dict__[STATE_ATTR]
         if state.op_table:
@@ -223,13 +225,9 @@ def dequantize(model: nn.Module) -> nn.Module:
                 remove_hooks(child, owner=module)
         remove_hooks(module)
         restore(module, state)
-        for p, qname in state.swaps.items():  # a packed weight (stefx.convert): its values
-            packed = module._modules.get(qname)
-            if isinstance(packed, PackedWeight):
-                owner, _, key = p.rpartition(".")
-                slot = module.get_submodule(owner) if owner else module
-                slot._parameters[key] = nn.Parameter(packed.dequantized())
         for name in state.added:
             delattr(module, name)
         object.__delattr__(module, STATE_ATTR)
+    for owner, key, values in unpacked:
+        owner._parameters[key] = nn.Parameter(values)
     return model

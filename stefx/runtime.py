@@ -40,6 +40,7 @@ __all__ = [
     "ModuleState",
     "fold_scale",
     "is_stefx_hook",
+    "param_slot",
     "post_hook",
     "pre_hook",
     "quantizer_name",
@@ -119,7 +120,7 @@ def fold_scale(bn: nn.Module, axis: int, weight: torch.Tensor) -> torch.Tensor:
     return s.reshape(shape)
 
 
-def _slot(module: nn.Module, param: str) -> tuple[nn.Module, str]:
+def param_slot(module: nn.Module, param: str) -> tuple[nn.Module, str]:
     """The module that holds ``param`` in its ``_parameters``, and the key there."""
     owner, _, name = param.rpartition(".")
     return (module.get_submodule(owner) if owner else module), name
@@ -135,7 +136,7 @@ def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]
         return None  # the float forward, untouched
     requantize: dict | None = {} if RECOMPUTE_WEIGHTS and _may_hook_saved_tensors() else None
     for p, qname in state.swaps.items():
-        owner, key = _slot(module, p)
+        owner, key = param_slot(module, p)
         latent = owner._parameters[key]
         state.latent[p] = latent
         q = module._modules[qname]
@@ -257,7 +258,7 @@ def _unpack(packed: Any) -> torch.Tensor:
 def restore(module: nn.Module, state: ModuleState) -> None:
     """Put the latent float parameters back after a forward (or on dequantize)."""
     for p, latent in state.latent.items():
-        owner, key = _slot(module, p)
+        owner, key = param_slot(module, p)
         owner._parameters[key] = latent
     state.latent.clear()
 

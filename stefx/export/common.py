@@ -51,11 +51,11 @@ def requantize(module: nn.Module, param: str, qname: str, spec: dict) -> tuple[f
     fake-quantized weights. A symmetric lattice whose codes fit in ``spec``'s bits and
     whose scale groups ``spec`` shares (or a per-tensor one, under per-channel) keeps its
     scales: the codes are the same numbers in a wider field, and nothing changes."""
+    from stefx.runtime import param_slot
     from stefx.ste.spec import make_quantizer
 
     q = module._modules[qname]
-    owner_name, _, key = param.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
+    owner, key = param_slot(module, param)
     w = owner._parameters.get(key)
     fake = (q.dequantized() if isinstance(q, PackedWeight) else q(w)).detach()
     step = _kept_step(q, w, fake.shape, spec)

@@ -292,21 +292,15 @@ def _show_packed_weights(model: nn.Module):
     what puts the empty slots back."""
     import torch
 
-    from stefx.convert import packed_weights
+    from stefx.convert import packed_slots
 
-    slots = []
-    for fqn, (module, packed) in packed_weights(model).items():
-        local = fqn[len(fqn.rsplit(".", 1)[0]) + 1 :] if "." in fqn else fqn
-        for owner in module.modules():
-            if owner._parameters.get(local, 0) is None:
-                w = torch.nn.Parameter(packed.dequantized().detach(), requires_grad=False)
-                owner._parameters[local] = w
-                slots.append((owner, local))
-                break
+    slots = packed_slots(model)
+    for owner, key, packed in slots:
+        owner._parameters[key] = torch.nn.Parameter(packed.dequantized(), requires_grad=False)
 
     def restore() -> None:
-        for owner, local in slots:
-            owner._parameters[local] = None
+        for owner, key, _ in slots:
+            owner._parameters[key] = None
 
     return restore
 
