@@ -24,7 +24,7 @@ import torch
 
 import stefx
 from stefx.convert import PackedWeight
-from stefx.demo import corpus, held_out_loss
+from stefx.demo import corpus_split, held_out_loss
 
 PRESETS = ["w8a8", "w4a8", "w4a16-g128", "w2a16-g64", "bitnet-b158", "ternary-twn", "w1a16",
            "w4a16-channel"]  # fmt: skip
@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = corpus()
-    split = data.numel() * 9 // 10
-    train, val = data[:split], data[split:]
+    train, val = corpus_split()
     base = lm.train(lm.build(0), train, args.float_steps, 3e-3, 128, 0)
     tmp = Path(tempfile.mkdtemp())
     float_bytes = _file_bytes(base, tmp / "float.safetensors")

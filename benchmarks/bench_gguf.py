@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import stefx
-from stefx.demo import corpus, held_out_loss
+from stefx.demo import corpus, corpus_split, held_out_loss
 
 PRESETS = ["gguf-q8_0", "gguf-q4_0", "gguf-tq2_0"]
 SEQ = 128
@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         have_llama = True
     except ImportError:
         have_llama = False
-    data = corpus()
-    split = data.numel() * 9 // 10
-    train, val = data[:split], data[split:]
+    train, val = corpus_split()
     t0 = time.perf_counter()
     curve: list[float] = []
     base = lm.train(build(0), train, args.float_steps, 3e-3, SEQ, 0,

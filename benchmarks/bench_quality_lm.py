@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stefx
-from stefx.demo import corpus, held_out_loss
+from stefx.demo import corpus_split, demo_config, held_out_loss, train_steps
 
 PRESETS = [
     "w8a8",
@@ -129,59 +129,30 @@ def plain(model: nn.Module, name: str) -> nn.Module:
 
 
 def build(seed: int) -> nn.Module:
+    """The demo LM's architecture (:func:`stefx.demo.demo_config`), initialised by ``seed``."""
     import transformers
 
-    config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config)
-
-
-def batches(data: torch.Tensor, steps: int, seq: int, seed: int, batch: int = 16):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        starts = torch.randint(0, data.numel() - seq, (batch,), generator=g).tolist()
-        yield torch.stack([data[s : s + seq] for s in starts])
+    return transformers.AutoModelForCausalLM.from_config(demo_config())
 
 
 def train(model, data, steps, lr, seq, seed, log=None, val=None, curve=None):
-    opt = torch.optim.AdamW(stefx.train.param_groups(model, lr), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / steps))
-        ),
-    )
-    model.train()
-    for step, x in enumerate(batches(data, steps, seq, seed)):
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log and (step + 1) % log == 0:
-            held_out = held_out_loss(model, val, seq, 64)
-            print(f"  float step {step + 1}: train {loss.item():.3f}, val {held_out:.3f}")
-            if curve is not None:
-                curve.append(held_out)
+    """:func:`stefx.demo.train_steps` (AdamW, warm-up and cosine, the recipe's learning
+    rates), printing the held-out loss every ``log`` steps (and keeping it in ``curve``)."""
+
+    def report(step: int, loss: float) -> None:
+        held_out = held_out_loss(model, val, seq, 64)
+        print(f"  float step {step}: train {loss:.3f}, val {held_out:.3f}")
+        if curve is not None:
+            curve.append(held_out)
+
+    train_steps(model, data, steps, lr, seed, seq=seq, log_every=log or 0,
+                log=report if log else None)  # fmt: skip
     return model
 
 
 def run(args) -> dict[str, dict[str, list[float]]]:
-    data = corpus()
-    split = data.numel() * 9 // 10
-    train_data, val = data[:split], data[split:]
+    train_data, val = corpus_split()
     seq = 128
     rows: dict[str, dict[str, list[float]]] = {}
 

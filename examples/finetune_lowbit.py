@@ -31,7 +31,7 @@ import torch
 import transformers
 
 import stefx
-from stefx.demo import corpus, held_out_loss
+from stefx.demo import corpus_split, held_out_loss
 from stefx.trainer import DistillationTrainer, StrengthRamp
 
 
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     float_steps, qat_steps = (20, 8) if args.quick else (args.float_steps, args.qat_steps)
     t0 = time.perf_counter()
 
-    data = corpus()
-    split = data.numel() * 9 // 10
-    train_data, held_out = data[:split], data[split:]
+    train_data, held_out = corpus_split()
     if args.quick:
         held_out = held_out[: 16 * seq]
     train = Windows(train_data, seq, n=16 * (float_steps + 2 * qat_steps), seed=0)
@@ -139,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = build_model(hidden, layers)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"Llama {n_params / 1e6:.2f}M params; {data.numel():,} bytes of pydoc text")
+    text_bytes = train_data.numel() + held_out.numel()
+    print(f"Llama {n_params / 1e6:.2f}M params; {text_bytes:,} bytes of pydoc text")
     fit(model, train, float_steps, 3e-3, work / "float")
     results = {"float": perplexity(model, held_out, seq)}
     print(f"float after {float_steps} steps: ppl {results['float']:.3f}")

@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "DEMO_LM",
     "corpus",
+    "corpus_split",
     "demo_config",
     "held_out_loss",
     "load_demo_lm",
@@ -43,6 +44,14 @@ def corpus() -> torch.Tensor:
 
     text = "\n".join(topics[k] for k in sorted(topics))
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def corpus_split() -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held out): the first 90% of :func:`corpus` and the last 10%, the split every
+    stefx LM example, benchmark and the demo use."""
+    data = corpus()
+    split = data.numel() * 9 // 10
+    return data[:split], data[split:]
 
 
 @torch.no_grad()
@@ -81,11 +90,12 @@ def train_steps(
     seed: int,
     *,
     batch: int = 16,
+    seq: int = SEQ,
     log_every: int = 0,
     log: Callable[[int, float], None] | None = None,
     progress: str | None = None,
 ) -> list[float]:
-    """AdamW over random ``batch`` x 128-byte windows of ``data`` (order fixed by
+    """AdamW over random ``batch`` x ``seq``-token windows of ``data`` (order fixed by
     ``seed``), warm-up then cosine decay, learning rates per stefx's recipe
     (:func:`stefx.train.param_groups`); returns the training losses. ``progress``: a
     tqdm bar with that label."""
@@ -105,8 +115,8 @@ def train_steps(
     losses = []
     model.train()
     for step in range(steps):
-        starts = torch.randint(0, data.numel() - SEQ, (batch,), generator=g).tolist()
-        x = torch.stack([data[s : s + SEQ] for s in starts])
+        starts = torch.randint(0, data.numel() - seq, (batch,), generator=g).tolist()
+        x = torch.stack([data[s : s + seq] for s in starts])
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -169,13 +179,11 @@ def run_demo(
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    data = corpus()
-    split = data.numel() * 9 // 10
-    train, val = data[:split], data[split:]
+    train, val = corpus_split()
     base = load_demo_lm()
     n_params = sum(p.numel() for p in base.parameters())
     print(f"stefx demo: byte-level Llama shipped with stefx ({n_params:,} parameters, trained "
-          f"in float on {split:,} bytes of Python's docs); recipe {recipe}\n")  # fmt: skip
+          f"in float on {train.numel():,} bytes of Python's docs); recipe {recipe}\n")  # fmt: skip
 
     def ppl(model) -> float:
         return math.exp(held_out_loss(model, val, SEQ, eval_windows))

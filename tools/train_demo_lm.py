@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import stefx
-from stefx.demo import DEMO_LM, corpus, demo_config, held_out_loss, train_steps
+from stefx.demo import DEMO_LM, corpus_split, demo_config, held_out_loss, train_steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import transformers
 
-    data = corpus()
-    split = data.numel() * 9 // 10
-    train, val = data[:split], data[split:]
+    train, val = corpus_split()
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(demo_config())
     curve = []
