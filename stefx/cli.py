@@ -331,6 +331,17 @@ _MODEL_HELP = (
 )
 
 
+def _positive(text: str) -> int:
+    """argparse type: a whole number >= 1 (steps, lengths, batch sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def _verb(sub, name: str, help: str, example: str, func) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
@@ -362,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _verb(sub, "demo", "the whole cycle on the LM shipped with stefx, offline",
                  "stefx demo --recipe w4a8 --plot demo.png", _demo)  # fmt: skip
     demo.add_argument("--recipe", default="bitnet-b158", help="preset name or recipe file")
-    demo.add_argument("--steps", type=int, default=300, help="fine-tuning steps (QAT and float)")
+    demo.add_argument(
+        "--steps", type=_positive, default=300, help="fine-tuning steps (QAT and float)"
+    )
     demo.add_argument("--plot", help="write loss curves and size/quality to this PNG")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -371,23 +384,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help=_MODEL_HELP)
     q.add_argument("--recipe", required=True, help="preset name or recipe file")
     q.add_argument("--out", help="save the quantized model to this folder")
-    q.add_argument("--seq-len", type=int, default=128)
-    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--seq-len", type=_positive, default=128)
+    q.add_argument("--batch", type=_positive, default=1)
     _report_args(q)
 
     e = _verb(sub, "explain", "which layers each rule of a recipe would quantize",
               "stefx explain demo-lm --recipe gguf-q4_0", _explain)  # fmt: skip
     e.add_argument("model", help=_MODEL_HELP)
     e.add_argument("--recipe", required=True)
-    e.add_argument("--seq-len", type=int, default=16)
+    e.add_argument("--seq-len", type=_positive, default=16)
 
     p = _verb(sub, "profile", "FLOPs, MACs, BOPs, bytes, latency and energy, per layer",
               "stefx profile demo-lm --recipe bitnet-b158 --hardware h100", _profile)  # fmt: skip
     p.add_argument("model", help=_MODEL_HELP)
     p.add_argument("--recipe", help="profile as this recipe would quantize it")
     p.add_argument("--measure", action="store_true", help="also time it on this machine")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=_positive, default=128)
+    p.add_argument("--batch", type=_positive, default=1)
     p.add_argument("--meta", action="store_true", help="no weights (meta device): shapes only")
     _report_args(p)
 
@@ -397,9 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model", help=_MODEL_HELP)
     t.add_argument("--recipe", required=True)
     t.add_argument("--data", required=True, help="a UTF-8 text file (90%% train, 10%% held out)")
-    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--steps", type=_positive, default=200)
     t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--seq-len", type=_positive, default=128)
     t.add_argument("--out", help="save_pretrained the fine-tuned model here")
 
     c = _verb(sub, "convert", "write a quantized model in a format a runtime loads",
@@ -418,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--ternary", default="tq2_0", choices=["tq2_0", "tq1_0"], help="gguf")
     c.add_argument("--float-type", default="f16", choices=["f16", "f32"], help="gguf")
-    c.add_argument("--seq-len", type=int, default=16, help="onnx: example input length")
+    c.add_argument("--seq-len", type=_positive, default=16, help="onnx: example input length")
 
     r = _verb(sub, "recipes", "list the presets, show one, or validate a recipe file",
               "stefx recipes show gguf-q4_0", _recipes)  # fmt: skip

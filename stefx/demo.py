@@ -101,6 +101,11 @@ def train_steps(
     tqdm bar with that label."""
     import stefx
 
+    if steps < 1 or data.numel() <= seq:
+        raise stefx.StefxError(
+            f"train: steps={steps} on {data.numel()} tokens of {seq}-token windows; need "
+            "steps >= 1 and more tokens than one window"
+        )
     opt = torch.optim.AdamW(stefx.train.param_groups(model, lr), lr=lr, weight_decay=0.0)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -90,6 +90,8 @@ def test_bad_arguments_and_missing_files_are_one_line_errors(tmp_path):
     assert done.returncode == 2 and "is not a file" in _one_error_line(done)
     done = _stefx("profile", "cnn", "--hardware", "tpu-v9")
     assert done.returncode == 2 and "tpu-v9" in _one_error_line(done)
+    done = _stefx("train", "demo-lm", "--recipe", "w4a8", "--data", "x.txt", "--steps", "0")
+    assert done.returncode == 2 and "'0' is not a whole number >= 1" in done.stderr
     done = _stefx("frobnicate")
     assert done.returncode == 2 and "invalid choice" in done.stderr
 
