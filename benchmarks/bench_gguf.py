@@ -232,31 +232,37 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def speed_only(args) -> None:
-    """The speed table alone: float F32/F16 and each preset's file, untrained weights."""
+    """The speed table alone: float F32/F16 and each preset's file, untrained weights; with
+    each file's largest logit difference from stefx's own model over one 128-token window
+    (the float files against the float model, F32 weights and activations in llama.cpp)."""
     data = corpus()
     tmp = Path(tempfile.mkdtemp())
     model = build(0).eval()
     files = [
-        (f"float {ft.upper()}", stefx.export(model, tmp / f"f-{ft}.gguf", "gguf", float_type=ft))
+        (f"float {ft.upper()}", model,
+         stefx.export(model, tmp / f"f-{ft}.gguf", "gguf", float_type=ft))
         for ft in ("f32", "f16")
-    ]
+    ]  # fmt: skip
     for preset in args.presets.split(","):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             q = stefx.quantize(copy.deepcopy(model), preset, report=False).eval()
-        files.append((preset, stefx.export(q, tmp / f"{preset}.gguf", format="gguf")))
+        files.append((preset, q, stefx.export(q, tmp / f"{preset}.gguf", format="gguf")))
     print(f"llama.cpp on {args.threads} threads, median of 5: prompt {SEQ} tokens, then 32 "
           "tokens one at a time\n")  # fmt: skip
     print("| file | size (kB) | model in memory (MB) | prompt tok/s | generation tok/s |"
-          " prompt, generation vs F16 |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    rows = [
-        (n, p.stat().st_size, *llama_cpp_run(p, data, 1, args.threads, 5)[1:]) for n, p in files
-    ]
+          " vs F16 (prompt, generation) | max abs logit diff vs stefx (max logit) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for name, ours, path in files:
+        logits, pp, tg, mem = llama_cpp_run(path, data, 1, args.threads, 5)
+        want = _logits(ours, data, 1)
+        rows.append((name, path.stat().st_size, pp, tg, mem,
+                     (logits - want).abs().max().item(), want.abs().max().item()))  # fmt: skip
     f16 = rows[1]
-    for name, size, pp, tg, mem in rows:
+    for name, size, pp, tg, mem, diff, top in rows:
         print(f"| {name} | {size / 1e3:.0f} | {mem:.2f} | {pp:.0f} | {tg:.0f} | "
-              f"{pp / f16[2]:.2f}x, {tg / f16[3]:.2f}x |")  # fmt: skip
+              f"{pp / f16[2]:.2f}x, {tg / f16[3]:.2f}x | {diff:.2g} ({top:.2f}) |")  # fmt: skip
 
 
 if __name__ == "__main__":
