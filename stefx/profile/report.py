@@ -51,7 +51,7 @@ class OpCost:
     row: str
     before: Cost
     after: Cost
-    bits: Any  # profiler.OpBits
+    bits: Any  # stefx.profile.bits.OpBits
     float_bits: int
     before_hw: tuple[float, str, float]
     after_hw: tuple[float, str, float]
