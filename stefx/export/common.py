@@ -14,6 +14,7 @@ from stefx.convert import ConvertError, PackedWeight, packed_weights
 __all__ = [
     "RequantizedWarning",
     "converted_copy",
+    "float_state",
     "refuse",
     "report_requantized",
     "requantize",
@@ -128,7 +129,6 @@ def converted_copy(model: nn.Module, fmt: str, fix=None, strict: bool = True):
     re-quantizes what does not fit."""
     import stefx
     from stefx.api import target_of
-    from stefx.ste.base import Quantizer
 
     if not isinstance(model, nn.Module):
         raise ConvertError(f"export {fmt}: model={type(model).__name__} is not a torch.nn.Module")
@@ -145,11 +145,17 @@ def converted_copy(model: nn.Module, fmt: str, fix=None, strict: bool = True):
     todo = [n for n, (_, _, _, q, _) in layers.items() if not isinstance(q, PackedWeight)]
     if todo:
         stefx.convert(work, only=todo)
-    quantizer_paths = {n for n, m in work.named_modules() if isinstance(m, Quantizer)}
-    tensors = {
-        k: v for k, v in work.state_dict().items() if k.rpartition(".")[0] not in quantizer_paths
+    return work, packed_weights(work), float_state(work)
+
+
+def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict without stefx's quantizer entries (codes, scales, steps)."""
+    from stefx.ste.base import Quantizer
+
+    quantizer_paths = {n for n, m in model.named_modules() if isinstance(m, Quantizer)}
+    return {
+        k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in quantizer_paths
     }
-    return work, packed_weights(work), tensors
 
 
 def write_folder(work: nn.Module, config, tensors: dict[str, torch.Tensor], path: Path) -> Path:

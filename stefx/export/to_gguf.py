@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from stefx.convert import ConvertError, PackedWeight
-from stefx.export.common import RequantizedWarning, refuse
+from stefx.export.common import RequantizedWarning, float_state, refuse
 
 __all__ = ["GGUF_TYPES", "write_gguf"]
 
@@ -310,54 +310,54 @@ def _blocks(codes: torch.Tensor, d: torch.Tensor, kind: str, gguf) -> np.ndarray
     return out.reshape(*lead, -1)
 
 
+def _quantized(name, module, q, kind: str, exact: bool, cfg, gguf):
+    """(bytes in llama.cpp's row order, GGML type, strict=False report entry or None) of
+    one quantized weight: stefx's own codes and scales when ``exact`` (checked to
+    dequantize to the trained weight), else llama.cpp's rounding of the fake-quantized one."""
+    if exact:
+        arr, values = _blocks(q.int_codes(), _block_scales(q, GGUF_TYPES[kind]), kind, gguf), None
+        want = q.dequantized().float()
+    else:
+        with torch.no_grad():
+            fake = (
+                q.dequantized()
+                if isinstance(q, PackedWeight)
+                else q(module.get_parameter(name.rpartition(".")[2]))
+            )
+        want = fake.detach().float()
+        if want.shape[-1] % GGUF_TYPES[kind]:
+            kind, arr = "F16", want.numpy().astype(np.float16)
+        else:
+            arr = gguf.quants.quantize(want.numpy(), getattr(gguf.GGMLQuantizationType, kind))
+        values = _dequantize(arr, kind, want.shape, gguf)
+    perm = _permutation(name, want.shape[0], cfg)
+    if perm is not None:
+        arr, want = arr[perm.numpy()], want[perm]
+        values = None if values is None else values[perm]
+    if values is not None:  # strict=False: how far llama.cpp's rounding moved the weight
+        diff = values - want
+        rel = diff.pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30)
+        return arr, kind, (kind, diff.abs().max().item(), rel.item())
+    back = _dequantize(arr, kind, want.shape, gguf)
+    if not torch.equal(back, want):  # a bug in stefx, never a silent change
+        raise ConvertError(
+            f"export gguf: {name}: {kind} blocks do not dequantize to the trained weight "
+            f"({(back != want).sum().item()} values differ); nothing written"
+        )
+    return arr, kind, None
+
+
 def _tensors(work, plan, cfg, ternary, float_type, gguf):
     """GGUF name -> (array, GGML type or None) for every tensor; the strict=False report."""
-    from stefx.ste.base import Quantizer
-
     qtype = gguf.GGMLQuantizationType
-    quantizer_paths = {n for n, m in work.named_modules() if isinstance(m, Quantizer)}
-    state = {
-        k: v for k, v in work.state_dict().items() if k.rpartition(".")[0] not in quantizer_paths
-    }
+    state = float_state(work)
     tied = getattr(cfg, "tie_word_embeddings", False)
     out: dict[str, tuple[np.ndarray, object]] = {}
     report: dict[str, tuple[str, float, float]] = {}
     for name, (module, qname, kind, exact) in plan.items():
-        q = module._modules[qname]
-        if exact:
-            codes, d = q.int_codes(), _block_scales(q, GGUF_TYPES[kind])
-            expected = q.dequantized().float()
-        else:  # strict=False: llama.cpp's own rounding of the fake-quantized weight
-            with torch.no_grad():
-                if isinstance(q, PackedWeight):
-                    fake = q.dequantized()
-                else:
-                    fake = q(module.get_parameter(name.rpartition(".")[2]))
-            fake = fake.detach().float()
-            if fake.shape[-1] % GGUF_TYPES[kind]:
-                kind = "F16"
-                arr = fake.numpy().astype(np.float16)
-            else:
-                arr = gguf.quants.quantize(fake.numpy(), getattr(qtype, kind))
-            back = _dequantize(arr, kind, fake.shape, gguf)
-            err = (back - fake).abs().max().item()
-            rel = (back - fake).pow(2).mean().sqrt() / fake.pow(2).mean().sqrt().clamp_min(1e-30)
-            report[name] = (kind, err, rel.item())
-            codes = None
-        perm = _permutation(name, (expected if exact else fake).shape[0], cfg)
-        if exact:
-            arr = _blocks(codes, d, kind, gguf)
-            if perm is not None:
-                expected = expected[perm]
-        if perm is not None:
-            arr = arr[perm.numpy()]
-        if exact:
-            back = _dequantize(arr, kind, expected.shape, gguf)
-            if not torch.equal(back, expected):  # a bug in stefx, never a silent change
-                raise ConvertError(
-                    f"export gguf: {name}: {kind} blocks do not dequantize to the trained "
-                    f"weight ({(back != expected).sum().item()} values differ); nothing written"
-                )
+        arr, kind, entry = _quantized(name, module, module._modules[qname], kind, exact, cfg, gguf)
+        if entry is not None:
+            report[name] = entry
         for gname, part in _split(_gguf_name(name), arr):
             out[gname] = (part, None if kind == "F16" else getattr(qtype, kind))
         state.pop(name, None)
