@@ -27,6 +27,7 @@ add into the norm that follows; stefx does not assume it).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 from typing import Any
@@ -70,17 +71,15 @@ def fuse_pointwise(
         op = op_of.get(n)
         return op is not None and op.kind in _POINTWISE and costs[id(op)][0].status == "counted"
 
-    def producers(n: torch.fx.Node) -> set[torch.fx.Node]:
-        out = set()
-        for p in n.all_input_nodes:
-            out |= producers(p) if is_layout(p) else {p}
-        return out
+    @functools.cache
+    def producers(n: torch.fx.Node) -> frozenset[torch.fx.Node]:  # through layout ops
+        return frozenset().union(
+            *(producers(p) if is_layout(p) else {p} for p in n.all_input_nodes)
+        )
 
-    def consumers(n: torch.fx.Node) -> set[torch.fx.Node]:
-        out = set()
-        for u in n.users:
-            out |= consumers(u) if is_layout(u) else {u}
-        return out
+    @functools.cache
+    def consumers(n: torch.fx.Node) -> frozenset[torch.fx.Node]:
+        return frozenset().union(*(consumers(u) if is_layout(u) else {u} for u in n.users))
 
     parent: dict[torch.fx.Node, torch.fx.Node] = {}
 
