@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stefx-installed
 TORCH   := torch==2.13.0
 
-.PHONY: demo test test-slow lint format bench bench-runtime bench-quality clean
+.PHONY: demo test test-slow lint format bench bench-runtime bench-quality bench-docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -50,6 +50,32 @@ bench-quality: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python benchmarks/bench_quality_digits.py
 	$(BIN)/python benchmarks/bench_quality_lm.py
+
+# Every block of docs/benchmarks.md, each rewritten by the script that measures it
+# (--write-docs; benchmarks/docpage.py). Hours on 2 cores; run it on a quiet machine, and
+# build llama-cpp-python first (pip install llama-cpp-python, ~12 min) for the GGUF rows.
+DOCS := --write-docs
+bench-docs: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python benchmarks/bench_ste.py $(DOCS)
+	$(BIN)/python benchmarks/bench_quantize.py $(DOCS)
+	$(BIN)/python benchmarks/bench_profile.py $(DOCS)
+	$(BIN)/python benchmarks/bench_estimate.py $(DOCS)
+	$(BIN)/python benchmarks/bench_runtime.py --sizes 3m --repeats 9 --compile --memory $(DOCS)
+	$(BIN)/python benchmarks/bench_runtime.py --sizes 30m --repeats 7 --compile --memory $(DOCS)
+	$(BIN)/python benchmarks/bench_runtime.py --sizes 3m --breakdown w4a8 $(DOCS)
+	$(BIN)/python benchmarks/bench_runtime.py --sizes 30m --breakdown w4a8 $(DOCS)
+	$(BIN)/python benchmarks/sweep_hf.py $(DOCS)
+	$(BIN)/python benchmarks/bench_finetune.py $(DOCS)
+	$(BIN)/python benchmarks/bench_quality_digits.py --threads 1 $(DOCS)
+	$(BIN)/python benchmarks/bench_quality_lm.py --seeds 3 --jobs 3 --plot docs/img/quality_lm.png $(DOCS)
+	$(BIN)/python benchmarks/bench_quality_lm.py --presets xnor,bireal,bnn --plain none --seeds 3 \
+	    --jobs 3 --block "bench_quality_lm binary-activations" $(DOCS)
+	$(BIN)/python benchmarks/bench_convert.py $(DOCS)
+	$(BIN)/python benchmarks/bench_onnx.py --repeats 15 $(DOCS)
+	$(BIN)/python benchmarks/bench_gguf.py $(DOCS)
+	$(BIN)/python benchmarks/bench_gguf.py --speed-only $(DOCS)
+	$(BIN)/python benchmarks/bench_demo.py --plot docs/img/demo.png $(DOCS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

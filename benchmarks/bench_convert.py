@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import math
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,6 +27,9 @@ import torch
 import stefx
 from stefx.convert import PackedWeight
 from stefx.demo import corpus_split, held_out_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docpage
 
 PRESETS = ["w8a8", "w4a8", "w4a16-g128", "w2a16-g64", "bitnet-b158", "ternary-twn", "w1a16",
            "w4a16-channel"]  # fmt: skip
@@ -80,16 +85,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--float-steps", type=int, default=600)
     parser.add_argument("--qat-steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    docpage.add_argument(parser)
     args = parser.parse_args(argv)
+    out = docpage.Output(args.write_docs, "bench_convert", argv and [__file__, *argv])
+    out.versions.update(
+        {name: importlib.metadata.version(name) for name in ("transformers", "compressed-tensors")}
+    )
     torch.set_num_threads(args.threads)
     train, val = corpus_split()
     base = lm.train(lm.build(0), train, args.float_steps, 3e-3, 128, 0)
     tmp = Path(tempfile.mkdtemp())
     float_bytes = _file_bytes(base, tmp / "float.safetensors")
-    print(f"float: ppl {math.exp(held_out_loss(base, val, 128)):.3f}, file {float_bytes} B")
-    print("| preset | bits/weight stored | file vs float | ppl fake-quant | ppl converted "
-          "| max abs logit diff | top-1 agreement |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    out.print(f"Float after {args.float_steps} steps: held-out perplexity "
+              f"{math.exp(held_out_loss(base, val, 128)):.3f}, safetensors file {float_bytes:,} B. "
+              f"Each preset: {args.qat_steps} QAT steps, then `stefx.convert`.\n")  # fmt: skip
+    out.print("| preset | bits/weight stored | file vs float | ppl fake-quant | ppl converted "
+              "| max abs logit diff | top-1 agreement |")  # fmt: skip
+    out.print("|---|---|---|---|---|---|---|")
     exports = []
     for preset in args.presets.split(","):
         with warnings.catch_warnings():
@@ -104,14 +116,20 @@ def main(argv: list[str] | None = None) -> None:
         ppl_conv = math.exp(held_out_loss(q, val, 128))
         worst, top1 = _agreement(fake, q, val)
         size = _file_bytes(q, tmp / f"{preset}.safetensors")
-        print(f"| {preset} | {_bits_per_weight(q):.2f} | {size / float_bytes:.3f} | "
-              f"{ppl_fake:.3f} | {ppl_conv:.3f} | {worst:.1e} | {top1 * 100:.2f}% |")  # fmt: skip
+        label = f"{preset} (LSQ int4 per row, weight-only)" if recipe is W4_CHANNEL else preset
+        out.print(f"| {label} | {_bits_per_weight(q):.2f} | {size / float_bytes:.3f} | "
+                  f"{ppl_fake:.3f} | {ppl_conv:.3f} | {worst:.1e} | "
+                  f"{top1 * 100:.2f}% |")  # fmt: skip
         exports.append((preset, fake))
-    print("\n| preset | format | loaded by transformers: ppl | max abs logit diff | top-1 |")
-    print("|---|---|---|---|---|")
+    out.print("\nEach model exported, then loaded by "
+              "`transformers.AutoModelForCausalLM.from_pretrained`:\n")  # fmt: skip
+    out.print("| preset | format | loaded by transformers: ppl | max abs logit diff | top-1 |")
+    out.print("|---|---|---|---|---|")
     for preset, fake in exports:
         for fmt in ("compressed-tensors", "hf-bitnet"):  # the folders transformers loads
-            print(f"| {preset} | {fmt} | {_exported(fake, fmt, tmp / f'{preset}-{fmt}', val)} |")
+            loaded = _exported(fake, fmt, tmp / f"{preset}-{fmt}", val)
+            out.print(f"| {preset} | {fmt} | {loaded} |")
+    out.write()
 
 
 def _exported(fake, fmt: str, path: Path, val) -> str:
@@ -120,7 +138,7 @@ def _exported(fake, fmt: str, path: Path, val) -> str:
     try:
         stefx.export(fake, path, format=fmt)
     except stefx.ConvertError as e:
-        return "refused: " + str(e).split(": ", 2)[-1].split(";")[0] + " | | "
+        return "refused: " + str(e).splitlines()[0].split(": ", 2)[-1].split(";")[0] + " | | "
     kwargs = {"attn_implementation": fake.config._attn_implementation}
     if fmt == "compressed-tensors":  # zero points: see stefx.export
         kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
@@ -132,7 +150,4 @@ def _exported(fake, fmt: str, path: Path, val) -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
     main()

@@ -31,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import docpage  # noqa: E402
 
 
 def _larger(kind: str):
@@ -117,7 +119,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=8.0)
+    docpage.add_argument(parser)
     args = parser.parse_args()
+    out = docpage.Output(args.write_docs, "bench_estimate")
     import torch
 
     from stefx.profile.calibrate import calibrate
@@ -128,18 +132,18 @@ def main() -> None:
         t0 = time.perf_counter()
         hw = calibrate(path, seconds=args.seconds, name="this-machine")
         took = time.perf_counter() - t0
-        print(
-            f"calibrated in {took:.1f} s ({torch.get_num_threads()} threads): "
+        out.print(
+            f"`calibrate()` took {took:.1f} s ({torch.get_num_threads()} threads): "
             f"fp32 {hw.peak_ops['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
             f"{(hw.peak_ops['bf16'] or 0) / 1e9:.1f} GFLOP/s, "
-            f"{hw.memory_bandwidth / 1e9:.1f} GB/s, launch floor {hw.launch_floor_s * 1e6:.2f} us"
+            f"{hw.memory_bandwidth / 1e9:.1f} GB/s, launch floor {hw.launch_floor_s * 1e6:.2f} µs."
         )
-        print()
-        print(
+        out.print()
+        out.print(
             "| model | estimate ms | measured ms | estimate / measured | fusion='eager' / "
             "measured | 3 largest layers: estimate / measured (exclusive) |"
         )
-        print("|---|---|---|---|---|---|")
+        out.print("|---|---|---|---|---|---|")
         for name, model, inputs in _models():
             r = compare(model, inputs, hw)
             layers = "; ".join(
@@ -149,10 +153,11 @@ def main() -> None:
                 else f"{n} {_ms(e)} ms / not measured"
                 for n, e, m in r["layers"]
             )
-            print(
+            out.print(
                 f"| {name} | {_ms(r['estimate_s'])} | {_ms(r['measured_s'])} | "
                 f"{r['ratio']:.2f}x | {r['eager_ratio']:.2f}x | {layers} |"
             )
+    out.write()
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import math
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -30,6 +32,9 @@ import torch
 
 import stefx
 from stefx.demo import corpus, corpus_split, held_out_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docpage
 
 PRESETS = ["gguf-q8_0", "gguf-q4_0", "gguf-tq2_0"]
 SEQ = 128
@@ -143,24 +148,34 @@ def main(argv: list[str] | None = None) -> None:
         help="llama.cpp speed and memory only, on untrained weights (speed does not depend "
         "on their values): re-measure on a quiet machine",
     )
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="--speed-only: rounds over all files, interleaved")  # fmt: skip
+    docpage.add_argument(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.speed_only:
-        return speed_only(args)
+    key = "bench_gguf --speed-only" if args.speed_only else "bench_gguf"
+    out = docpage.Output(args.write_docs, key, argv and [__file__, *argv])
+    out.versions["gguf"] = importlib.metadata.version("gguf")
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp
 
         have_llama = True
+        out.versions["llama-cpp-python"] = llama_cpp.__version__
     except ImportError:
         have_llama = False
+    torch.set_num_threads(args.threads)
+    if args.speed_only:
+        if not have_llama:
+            raise SystemExit("--speed-only needs llama_cpp: pip install llama-cpp-python")
+        return speed_only(args, out)
     train, val = corpus_split()
     t0 = time.perf_counter()
     curve: list[float] = []
     base = lm.train(build(0), train, args.float_steps, 3e-3, SEQ, 0,
                     log=max(1, args.float_steps // 6), val=val, curve=curve)  # fmt: skip
     flat = len(curve) > 1 and curve[-1] <= min(curve) * 1.005 and curve[-1] >= curve[-2] * 0.99
-    print(f"float validation loss {'has' if flat else 'has NOT'} flattened (last "
-          f"{curve[-1]:.3f}, lowest {min(curve):.3f})")  # fmt: skip
+    flat_line = (f"the float validation loss {'has' if flat else 'has NOT'} flattened (last "
+                 f"{curve[-1]:.3f}, lowest {min(curve):.3f})")  # fmt: skip
+    print(flat_line)
     tmp = Path(tempfile.mkdtemp())
     ref = lm.train(copy.deepcopy(base), train, args.qat_steps, 3e-4, SEQ, 1000).eval()
     ppl_float = math.exp(held_out_loss(ref, val, SEQ, args.windows))
@@ -204,24 +219,32 @@ def main(argv: list[str] | None = None) -> None:
             row["top1"] = (logits.argmax(-1) == fake_logits.argmax(-1)).float().mean().item()
             speed.append((preset, path.stat().st_size, pp, tg, mem))
         rows.append(row)
-    print(f"\nheld-out per-byte perplexity over {args.windows} windows of {SEQ} bytes "
-          f"(float: {ppl_float:.3f})\n")  # fmt: skip
+    out.print(f"{args.float_steps} float steps ({flat_line}), then {args.qat_steps} more for "
+              f"float and {args.qat_steps} QAT steps for each preset. Held-out per-byte "
+              f"perplexity over {args.windows} windows of {SEQ} bytes; float + "
+              f"{args.qat_steps} steps: {ppl_float:.3f}.\n")  # fmt: skip
     head = "| preset | file (kB) | bits/weight | ppl fake-quant | ppl converted | ppl file |"
     if have_llama:
         head += " ppl llama.cpp | max abs logit diff vs stefx | top-1 agreement |"
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
+    out.print(head)
+    out.print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         line = (f"| {r['preset']} | {r['size'] / 1e3:.0f} | {r['bpw']:.3f} | {r['fake']:.3f} | "
                 f"{r['conv']:.3f} | {r['file']:.3f} |")  # fmt: skip
         if have_llama:
             line += f" {r['llama']:.3f} | {r['diff']:.3g} | {r['top1'] * 100:.2f}% |"
-        print(line)
+        out.print(line)
     if not have_llama:
-        print("\nllama_cpp is not importable: no llama.cpp figures (pip install llama-cpp-python)")
+        out.print("\nllama_cpp is not importable: no llama.cpp figures "
+                  "(pip install llama-cpp-python)")  # fmt: skip
+    out.write()
+    if not have_llama:
         return
-    print(f"\nllama.cpp on {args.threads} threads, median of 3: prompt {SEQ} tokens, then 32 "
-          "tokens one at a time\n")  # fmt: skip
+    # speed on a machine busy with training is not a figure to publish: printed only
+    print(
+        f"\nllama.cpp on {args.threads} threads, median of 3: prompt {SEQ} tokens, then 32 "
+        "tokens one at a time (--speed-only, on a quiet machine, for the published one)\n"
+    )
     print("| file | size (kB) | model in memory (MB) | prompt tok/s | generation tok/s |"
           " prompt, generation vs F16 |")  # fmt: skip
     print("|---|---|---|---|---|---|")
@@ -231,10 +254,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{pp / f16[2]:.2f}x, {tg / f16[3]:.2f}x |")  # fmt: skip
 
 
-def speed_only(args) -> None:
+def speed_only(args, out) -> None:
     """The speed table alone: float F32/F16 and each preset's file, untrained weights; with
     each file's largest logit difference from stefx's own model over one 128-token window
-    (the float files against the float model, F32 weights and activations in llama.cpp)."""
+    (the float files against the float model, F32 weights and activations in llama.cpp).
+    ``args.rounds`` rounds go over every file in turn, so that drift hits them alike; each
+    file's speed is a median of 5 within a round, and its ratio to F16 is taken per round."""
     data = corpus()
     tmp = Path(tempfile.mkdtemp())
     model = build(0).eval()
@@ -248,25 +273,41 @@ def speed_only(args) -> None:
             warnings.simplefilter("ignore")
             q = stefx.quantize(copy.deepcopy(model), preset, report=False).eval()
         files.append((preset, q, stefx.export(q, tmp / f"{preset}.gguf", format="gguf")))
-    print(f"llama.cpp on {args.threads} threads, median of 5: prompt {SEQ} tokens, then 32 "
-          "tokens one at a time\n")  # fmt: skip
-    print("| file | size (kB) | model in memory (MB) | prompt tok/s | generation tok/s |"
-          " vs F16 (prompt, generation) | max abs logit diff vs stefx (max logit) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    rows = []
-    for name, ours, path in files:
-        logits, pp, tg, mem = llama_cpp_run(path, data, 1, args.threads, 5)
-        want = _logits(ours, data, 1)
-        rows.append((name, path.stat().st_size, pp, tg, mem,
-                     (logits - want).abs().max().item(), want.abs().max().item()))  # fmt: skip
-    f16 = rows[1]
-    for name, size, pp, tg, mem, diff, top in rows:
-        print(f"| {name} | {size / 1e3:.0f} | {mem:.2f} | {pp:.0f} | {tg:.0f} | "
-              f"{pp / f16[2]:.2f}x, {tg / f16[3]:.2f}x | {diff:.2g} ({top:.2f}) |")  # fmt: skip
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in files}
+    facts = {}
+    for _ in range(args.rounds):
+        for name, ours, path in files:
+            logits, pp, tg, mem = llama_cpp_run(path, data, 1, args.threads, 5)
+            runs[name].append((pp, tg))
+            if name not in facts:
+                want = _logits(ours, data, 1)
+                facts[name] = (path.stat().st_size, mem, (logits - want).abs().max().item(),
+                               want.abs().max().item())  # fmt: skip
+    f16 = runs["float F16"]
+
+    def ratios(name: str, k: int) -> str:
+        rs = sorted(r[k] / f[k] for r, f in zip(runs[name], f16, strict=True))
+        return f"{statistics.median(rs):.2f}x ({rs[0]:.2f}–{rs[-1]:.2f})"
+
+    out.print(f"llama.cpp on {args.threads} threads: a prompt of {SEQ} tokens, then 32 tokens one "
+              f"at a time; {args.rounds} rounds over the files in turn, each file's speed a median "
+              f"of 5 within a round; against F16 the median of the per-round ratios (range). "
+              f"Memory: the bytes of the model's tensors as llama.cpp counts them "
+              f"(`llama_model_size`; the file is mmap'ed). The logit difference is over one "
+              f"window of {SEQ} tokens, untrained weights.\n")  # fmt: skip
+    out.print("| file | size | model in memory | prompt vs F16 | generation vs F16 "
+              "| max abs logit diff vs stefx (largest logit) |")  # fmt: skip
+    out.print("|---|---|---|---|---|---|")
+    for name, _, _ in files:
+        size, mem, diff, top = facts[name]
+        pp, tg = ratios(name, 0), ratios(name, 1)
+        if name == "float F16":
+            pp = f"{statistics.median(r[0] for r in f16) / 1e3:.1f}k tok/s"
+            tg = f"{statistics.median(r[1] for r in f16) / 1e3:.1f}k tok/s"
+        out.print(f"| {name} | {size / 1e6:.2f} MB | {mem:.2f} MB | {pp} | {tg} | "
+                  f"{diff:.2g} ({top:.2f}) |")  # fmt: skip
+    out.write()
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
     main()

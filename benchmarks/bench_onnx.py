@@ -23,12 +23,16 @@ fake-quantized output (max abs; top-1 agreement for the LM).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docpage
 
 INTEGER_KERNELS = (
     "MatMulNBits",
@@ -288,9 +292,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--quick", action="store_true", help="the Llama at batch 1 only")
+    docpage.add_argument(parser)
     args = parser.parse_args()
+    out = docpage.Output(args.write_docs, "bench_onnx")
+    out.versions.update(
+        {name: importlib.metadata.version(name) for name in ("onnx", "onnxruntime")}
+    )
     rows = run(args)
-    print(_format(rows))
+    out.print(f"onnxruntime CPU provider, `ORT_ENABLE_ALL`, {args.threads} intra-op threads; "
+              f"latency the median of {args.repeats}; RSS the session's own peak.\n")  # fmt: skip
+    out.print(_format(rows))
+    out.write()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

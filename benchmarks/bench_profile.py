@@ -14,6 +14,8 @@ Goal: under 20 s and 3 GB. The fvcore and ptflops columns need ``pip install -e 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import json
 import resource
 import subprocess
@@ -23,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import docpage  # noqa: E402
 
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -72,16 +76,19 @@ def llama_child() -> dict:
     }
 
 
-def run_llama() -> dict:
-    out = subprocess.run(
+def run_llama(page) -> dict:
+    out = docpage.Output(page, "bench_profile --llama")
+    child = subprocess.run(
         [sys.executable, __file__, "--child"], capture_output=True, text=True, check=True
     )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    print("Llama-3-8B shape on meta, 2048 tokens, recipe w4a8, hardware h100")
-    for key, value in result.items():
-        print(f"  {key:18s} {value:.4g}" if isinstance(value, float) else f"  {key:18s} {value}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    out.print("Llama-3-8B shape on meta, 2048 tokens, recipe w4a8, hardware h100, in a fresh "
+              "subprocess (peak RSS is its own):\n")  # fmt: skip
+    cells = [[k, f"{v:.4g}" if isinstance(v, float) else f"{v:,}"] for k, v in result.items()]
+    out.print(docpage.table(["measure", "value"], cells))
     ok = result["profile_s"] < 20 and result["peak_rss_gb"] < 3
-    print(f"  goal (<20 s, <3 GB): {'met' if ok else 'NOT met'}")
+    out.print(f"\nGoal (profile under 20 s and 3 GB): {'met' if ok else 'NOT met'}.")
+    out.write()
     return result
 
 
@@ -153,7 +160,7 @@ def _optional_counters(model, args, kwargs) -> dict[str, str]:
     return cols
 
 
-def run_zoo() -> None:
+def run_zoo(page) -> None:
     from tabulate import tabulate
 
     from stefx.profile import profile
@@ -191,7 +198,17 @@ def run_zoo() -> None:
         "difference",
         *extra,
     ]
-    print(tabulate(rows, headers=headers, tablefmt="github"))
+    out = docpage.Output(page, "bench_profile --zoo")
+    for name in ("fvcore", "ptflops"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out.versions[name] = importlib.metadata.version(name)
+    out.print("Every column in MACs, matrix-product kinds only for stefx and FlopCounterMode:\n")
+    out.print(tabulate(rows, headers=headers, tablefmt="github"))
+    agree = {col: sum(str(r[1]) == str(r[i]) for r in rows) for i, col in enumerate(headers)
+             if i == 2 or i >= 7}  # fmt: skip
+    out.print("\nEqual to stefx: " + ", ".join(
+        f"{col} on {n} of {len(rows)}" for col, n in agree.items()) + ".")  # fmt: skip
+    out.write()
 
 
 def main() -> None:
@@ -199,15 +216,16 @@ def main() -> None:
     parser.add_argument("--llama", action="store_true")
     parser.add_argument("--zoo", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    docpage.add_argument(parser)
     opts = parser.parse_args()
     if opts.child:
         print(json.dumps(llama_child()))
         return
     both = not (opts.llama or opts.zoo)
     if opts.llama or both:
-        run_llama()
+        run_llama(opts.write_docs)
     if opts.zoo or both:
-        run_zoo()
+        run_zoo(opts.write_docs)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import statistics
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import stefx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docpage
 
 PRESETS = ["w4a8", "pact-w4a4", "ternary-twn", "xnor", "bireal", "bnn"]
 
@@ -114,14 +120,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--float-epochs", type=int, default=40)
     parser.add_argument("--qat-epochs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    docpage.add_argument(parser)
     args = parser.parse_args(argv)
+    out = docpage.Output(args.write_docs, "bench_quality_digits", argv and [__file__, *argv])
+    out.versions["scikit-learn"] = importlib.metadata.version("scikit-learn")
     torch.set_num_threads(args.threads)
     rows = run(args.presets.split(","), args.seeds, args.float_epochs, args.qat_epochs)
-    print(f"digits test accuracy %, {args.seeds} seeds (float: before / after the same "
-          f"{args.qat_epochs} extra epochs)")  # fmt: skip
-    print(f"{'recipe':14s} {'after PTQ':>14s} {'after QAT':>14s}")
+    out.print(f"Test accuracy %, mean ± std over {args.seeds} seeds:\n")
+    cells = []
     for name, row in rows.items():
-        print(f"{name:14s} {_fmt(row['PTQ']):>14s} {_fmt(row['QAT']):>14s}")
+        if name == "float":
+            name = f"float ({args.float_epochs} epochs / +{args.qat_epochs})"
+        cells.append([name, _fmt(row["PTQ"]), _fmt(row["QAT"])])
+    out.print(docpage.table(["recipe", "after PTQ", "after QAT"], cells))
+    qat = {name: statistics.fmean(row["QAT"]) for name, row in rows.items()}
+    goals = [(f"{n} within 0.5 point of float", qat[n] >= qat["float"] - 0.5)
+             for n in ("xnor", "bireal") if n in qat]  # fmt: skip
+    if "bnn" in qat:
+        goals.append(("bnn >= 97%", qat["bnn"] >= 97.0))
+    if goals:
+        out.print("\nGoals after QAT (means): " + "; ".join(
+            f"{what}: {'met' if ok else 'NOT met'}" for what, ok in goals) + ".")  # fmt: skip
+    out.write()
     return rows
 
 

@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,9 @@ from torch import nn
 
 import stefx
 from stefx.demo import corpus_split, demo_config, held_out_loss, train_steps
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docpage
 
 PRESETS = [
     "w8a8",
@@ -100,6 +104,12 @@ PLAIN = {  # name -> (weight fn, input fn or None)
     "plain-w2": (_absmax(2, 1), None),
     "plain-ternary-a8": (_ternary_absmean, _absmax(8, -1)),
     "plain-w1": (_binary_rowmean, None),
+}
+PLAIN_LABELS = {
+    "plain-w4a8": "absmax W4 per row + A8 per token",
+    "plain-w2": "absmax W2 per row",
+    "plain-ternary-a8": "absmean per tensor + A8",
+    "plain-w1": "sign · per-row mean\\|W\\|",
 }
 
 
@@ -270,25 +280,38 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the rows (every seed's values) here")
     parser.add_argument("--plot", help="write perplexity vs weight bits here (PNG)")
+    parser.add_argument("--block", default="bench_quality_lm",
+                        help="the docs block --write-docs replaces")  # fmt: skip
+    docpage.add_argument(parser)
     args = parser.parse_args(argv)
+    out = docpage.Output(args.write_docs, args.block, argv and [__file__, *argv])
     torch.set_num_threads(args.threads)
     rows = _run_in_processes(args) if args.jobs > 1 else run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows))
     checks = rows.pop("_checks", {}).get("flattened", [])
     ref = statistics.fmean(rows["float"]["QAT"])
-    print(
-        f"\nheld-out per-byte perplexity, {len(rows['float']['QAT'])} seed(s); QAT budget "
-        f"{args.qat_steps} steps; float flattened without rising in {int(sum(checks))} of "
-        f"{len(checks)} seeds"
+    out.print(
+        f"\nHeld-out per-byte perplexity, {len(rows['float']['QAT'])} seed(s), mean ± std; "
+        f"{args.float_steps} float steps, then {args.qat_steps} steps for every row; the float "
+        f"validation loss flattened without rising in {int(sum(checks))} of {len(checks)} seeds.\n"
     )
-    print(f"| recipe | after PTQ | after QAT | QAT vs float +{args.qat_steps} |")
-    print("|---|---|---|---|")
-    for name, row in rows.items():
+    out.print(f"| recipe | after PTQ | after QAT | QAT vs float +{args.qat_steps} |")
+    out.print("|---|---|---|---|")
+    # float first, then by weight bits, each plain STE after the presets of its width
+    order = sorted(rows, key=lambda n: (n != "float", -WEIGHT_BITS.get(n, 0), n[:6] == "plain-"))
+    for name in order:
+        row = rows[name]
         gap = (statistics.fmean(row["QAT"]) / ref - 1) * 100
-        print(f"| {name} | {_fmt(row['PTQ'])} | {_fmt(row['QAT'])} | {gap:+.1f}% |")
+        label = f"{name} ({PLAIN_LABELS[name]})" if name in PLAIN_LABELS else name
+        if name == "float":
+            label = f"float ({args.float_steps:,} / +{args.qat_steps} steps)"
+        out.print(f"| {label} | {_fmt(row['PTQ'])} | {_fmt(row['QAT'])} | {gap:+.1f}% |")
     if args.plot:
         plot(rows, args.plot, args.qat_steps)
+        image = os.path.relpath(Path(args.plot).resolve(), (out.page or docpage.PAGE).parent)
+        out.print(f"\n![held-out perplexity against weight bits]({image})")
+    out.write()
     return rows
 
 

@@ -7,17 +7,22 @@ Each case runs in a fresh subprocess so its peak RSS is its own. Reported: the m
 parameter bytes, RSS after building the model, peak RSS during quantize, and the ratio
 peak / (RSS before quantize) — the "within 1.1x of the model" promise.
 
-    python benchmarks/bench_quantize.py [--recipe w4a8] [--out docs/benchmarks-quantize.md]
+    python benchmarks/bench_quantize.py [--recipe w4a8] [--write-docs]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docpage
 
 CASES = {
     "gpt2-124M": "gpt2",
@@ -67,17 +72,19 @@ def _child(case: str, recipe: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="w4a8")
-    parser.add_argument("--out", default=None, help="also write a markdown table here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    docpage.add_argument(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.recipe)))
         return
+    out = docpage.Output(args.write_docs, "bench_quantize")
+    out.versions["transformers"] = importlib.metadata.version("transformers")
     from tabulate import tabulate
 
     rows = []
     for label, case in CASES.items():
-        out = (
+        line = (
             subprocess.run(
                 [sys.executable, __file__, "--child", case, "--recipe", args.recipe],
                 capture_output=True,
@@ -87,7 +94,7 @@ def main() -> None:
             .stdout.strip()
             .splitlines()[-1]
         )
-        r = json.loads(out)
+        r = json.loads(line)
         gib = 2**30
         rows.append(
             {
@@ -100,11 +107,10 @@ def main() -> None:
                 "quantize s": f"{r['seconds']:.1f}",
             }
         )
-    table = tabulate(rows, headers="keys", tablefmt="github")
-    print(f"recipe {args.recipe}\n{table}")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"## stefx.quantize ({args.recipe})\n\n{table}\n")
+    out.print(f"Recipe {args.recipe}; each case in a fresh subprocess, \"peak / before\" is the "
+              "peak resident set during quantize over the resident set before it.\n")  # fmt: skip
+    out.print(tabulate(rows, headers="keys", tablefmt="github"))
+    out.write()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ any implementation of the same numerics pays it; GPUs do not.
 
     python benchmarks/bench_runtime.py --quick                  # smoke test, tiny model
     python benchmarks/bench_runtime.py --sizes 3m --presets w4a8 --memory
-    python benchmarks/bench_runtime.py --compile --memory --out benchmarks/out/runtime.md
+    python benchmarks/bench_runtime.py --sizes 3m --compile --memory --write-docs  # its block
     python benchmarks/bench_runtime.py --sizes 3m --profile stefx:w4a8   # top-25 ops
 
 torchao and Brevitas come with ``pip install -e .[bench]``; a variant whose library is missing
@@ -64,6 +64,7 @@ import contextlib
 import copy
 import ctypes
 import gc
+import importlib.metadata
 import json
 import os
 import shutil
@@ -82,6 +83,9 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 from torch._dynamo.utils import counters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docpage
 
 SIZES = {
     "quick": dict(hidden=64, inter=176, layers=2, heads=4, batch=4, seq=64),
@@ -746,7 +750,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="do not flush denormals to zero on CPU (see the docstring: bnn's matmuls slow down)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats (smoke test)")
-    parser.add_argument("--out", type=Path, default=None, help="also write a markdown table")
+    docpage.add_argument(parser)
     parser.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-size", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-compile", action="store_true", help=argparse.SUPPRESS)
@@ -778,6 +782,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
         _configure_dynamo()
         _warm_compiler(args.device)
+    # one block of docs/benchmarks.md per kind of run
+    key = f"bench_runtime {','.join(sizes)}"
+    key += f" --breakdown {args.breakdown}" if args.breakdown else ""
+    key += f" --variants {args.variants}" if args.variants and not args.breakdown else ""
+    out = docpage.Output(args.write_docs, key, argv and [__file__, *argv])
+    for name in ("torchao", "brevitas"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out.versions[name] = importlib.metadata.version(name)
     presets = args.presets.split(",")
     names = variant_names(presets, args.variants.split(",") if args.variants else None)
     if args.breakdown:
@@ -813,16 +825,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         legend += "; MiB: peak RSS of a step above the RSS after warm-up (fresh process each)"
     notes.insert(0, legend)
     cells = format_rows(rows)
-    print()
-    print(title)
-    print(tabulate(cells, headers="keys", disable_numparse=True))
-    print("\n" + "\n".join(f"- {n}" for n in notes))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        table = tabulate(cells, headers="keys", tablefmt="github", disable_numparse=True)
-        body = "\n".join(f"- {n}" for n in notes)
-        args.out.write_text(f"{title}\n\n{table}\n\n{body}\n")
-        print(f"wrote {args.out}")
+    out.print(f"\n{title}.\n")
+    out.print(tabulate(cells, headers="keys", tablefmt="github", disable_numparse=True))
+    out.print("\n" + "\n".join(f"- {n}" for n in notes))
+    out.write()
     return rows
 
 

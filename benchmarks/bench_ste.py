@@ -17,13 +17,14 @@ reported time is the median over repeats, after warm-up. Thread count is torch's
 
     python benchmarks/bench_ste.py                 # full size (a minute or two on 2 cores)
     python benchmarks/bench_ste.py --quick         # small shapes, a smoke test
-    python benchmarks/bench_ste.py --out benchmarks/out/ste.md
+    python benchmarks/bench_ste.py --write-docs    # its block of docs/benchmarks.md
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,9 @@ from tabulate import tabulate
 
 import stefx
 from stefx.ste.uniform import code_range
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docpage
 
 _EPS = 1e-12
 Step = Callable[[torch.Tensor], torch.Tensor]
@@ -119,8 +123,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per case (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per case first")
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
-    parser.add_argument("--out", type=Path, default=None, help="also write a markdown table")
+    docpage.add_argument(parser)
     args = parser.parse_args(argv)
+    out = docpage.Output(args.write_docs, "bench_ste", argv and [__file__, *argv])
 
     weight = (512, 512) if args.quick else (4096, 4096)
     act = (2, 64, 512) if args.quick else (8, 512, 4096)
@@ -130,17 +135,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
     rows = [run_case(*case, repeats=args.repeats, warmup=args.warmup) for case in cases]
 
-    title = (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats}, forward+backward"
-    )
-    print(title)
-    print(tabulate(rows, headers="keys", floatfmt=".2f"))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        table = tabulate(rows, headers="keys", tablefmt="github", floatfmt=".2f")
-        args.out.write_text(f"{title}\n\n{table}\n")
-        print(f"wrote {args.out}")
+    out.print(f"Forward + backward, median of {args.repeats} after {args.warmup} warm-up runs.\n")
+    out.print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".2f"))
+    out.write()
     return rows
 
 

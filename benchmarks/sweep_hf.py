@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import io
 import json
 import subprocess
@@ -31,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import docpage  # noqa: E402
 
 # Attributes shrunk when a config has them (int-valued, not bool).
 SMALL = dict(
@@ -162,7 +165,10 @@ def main() -> None:
     parser.add_argument("model_types", nargs="*", help="default: every causal-LM type")
     parser.add_argument("-j", "--jobs", type=int, default=2)
     parser.add_argument("--json", help="also write the results to this file")
+    docpage.add_argument(parser)
     opts = parser.parse_args()
+    out = docpage.Output(opts.write_docs, "sweep_hf" + (" subset" if opts.model_types else ""))
+    out.versions["transformers"] = importlib.metadata.version("transformers")
     from tabulate import tabulate
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -174,9 +180,30 @@ def main() -> None:
         for name, r in results.items()
         if r["outcome"] != "ok" or opts.model_types
     ]
-    print(tabulate(rows, headers=["model type", "outcome", "sites", "capture", "why"]))
     counts = Counter(r["outcome"] for r in results.values())
-    print(f"\n{len(results)} architectures: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    meaning = {
+        "ok": "same class, finite loss, backward ran, efficiency report printed",
+        "FAIL": "the float model runs but stefx does not",
+        "no-tiny-config": "the generic shrinking breaks the float model itself: not a stefx result",
+        "too-big": f"still over {MAX_PARAMS / 1e6:.0f}M parameters after shrinking",
+    }
+    out.print(f"{len(results)} architectures, w4a8, one training step each:\n")
+    out.print(docpage.table(["outcome", "count", "meaning"],
+                            [[k, counts.get(k, 0), v] for k, v in meaning.items()]))  # fmt: skip
+    ok = [r for r in results.values() if r["outcome"] == "ok"]
+    if ok:
+        regions = sorted(n for n, r in results.items() if "regions" in r.get("capture", ""))
+        seconds = sorted(r["seconds"] for r in ok)
+        median = seconds[len(seconds) // 2]
+        out.print(f"\n{len(ok) - len(regions)} of the {len(ok)} ok were captured whole; "
+                  f"per-region capture: {', '.join(regions) or 'none'}. Median time per "
+                  f"architecture (build, quantize, one step): {median} s.")  # fmt: skip
+    if rows:
+        asked = " (and those asked for)" if opts.model_types else ""
+        out.print(f"\nEvery architecture not ok{asked}:\n")
+        out.print(tabulate(rows, headers=["model type", "outcome", "sites", "capture", "why"],
+                           tablefmt="github"))  # fmt: skip
+    out.write()
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=1))
 

@@ -239,8 +239,9 @@ def run_demo(
           f"and reloaded with from_pretrained: {ppl_back:.3f}")  # fmt: skip
     print(f"the reloaded model writes: {line!r}")
     gap = (ppl_qat / ppl_float_ft - 1) * 100
+    seconds = time.perf_counter() - t_start
     print(f"\nQAT is {gap:+.1f}% from float given the same {steps} steps "
-          f"({time.perf_counter() - t_start:.0f} s in all)")  # fmt: skip
+          f"({seconds:.0f} s in all)")  # fmt: skip
     if plot:
         _plot(plot, curves, rows, recipe)
         print(f"plot: {plot}")
@@ -252,6 +253,8 @@ def run_demo(
         "converted": ppl_conv,
         "reloaded": ppl_back,
         "text": line,
+        "rows": rows,  # (name, bytes, BOPs, energy J, perplexity) per summary row
+        "seconds": seconds,
     }
 
 
