@@ -138,7 +138,11 @@ def _exported(fake, fmt: str, path: Path, val) -> str:
     try:
         stefx.export(fake, path, format=fmt)
     except stefx.ConvertError as e:
-        return "refused: " + str(e).splitlines()[0].split(": ", 2)[-1].split(";")[0] + " | | "
+        lines = str(e).splitlines()
+        why = lines[1].split(": ", 1)[-1] if len(lines) > 1 else lines[0].split(": ", 2)[-1]
+        count = lines[0].split(": ", 1)[-1].split(" layer(s)")[0]
+        where = f" ({count} layers)" if count.isdigit() else ""
+        return f"refused{where}: {why.strip()} | | "
     kwargs = {"attn_implementation": fake.config._attn_implementation}
     if fmt == "compressed-tensors":  # zero points: see stefx.export
         kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)

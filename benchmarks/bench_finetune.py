@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.print(f"\nThe {preset} student distilled from float, saved with `save_pretrained` and "
               f"reloaded with `from_pretrained`: logits identical: {r['reload identical']}; "
               f"through `stefx.save` / `stefx.load`: {r['stefx.load identical']}. Reloaded, it "
-              f"continues \"The for statement\" with `{sample}`.")  # fmt: skip
+              f"continues \"The for statement\" with `{sample!r}`.")  # fmt: skip
     out.write()
     return r
 

@@ -260,7 +260,7 @@ COLUMNS = (
     ("rss_vs_float", "RSS ×float"),
     ("fused", "ORT integer kernels"),
     ("qdq_left", "Q/DQ left"),
-    ("max_abs_err", "max |ORT − stefx|"),
+    ("max_abs_err", "max abs error vs stefx"),
     ("top1_agree", "top-1"),
 )
 

@@ -27,7 +27,6 @@ PENDING = {  # block -> the script whose --write-docs run replaces it
     "bench_runtime 3m --breakdown w4a8": "bench_runtime.py",
     "bench_runtime 30m --breakdown w4a8": "bench_runtime.py",
     "sweep_hf": "sweep_hf.py",
-    "bench_finetune": "bench_finetune.py",
 }
 HEADER = re.compile(
     r"^`python (benchmarks/[\w.]+\.py)( [^`]*)?` · \d{4}-\d\d-\d\d · [^·]+ · torch "
@@ -129,3 +128,15 @@ def test_duplicate_blocks_are_an_error():
     text = "<!-- stefx-bench: a -->\n1\n<!-- /stefx-bench: a -->\n" * 2
     with pytest.raises(ValueError, match="appears twice"):
         docpage.blocks(text)
+
+
+def test_every_table_on_the_page_has_as_many_cells_in_each_row_as_its_header():
+    table: list[str] = []
+    for line in [*PAGE.read_text().splitlines(), ""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            widths = {len(re.findall(r"(?<!\\)\|", row)) for row in table}
+            assert len(widths) == 1, f"a cell holds an unescaped '|': {table[0][:80]}"
+        table = []
