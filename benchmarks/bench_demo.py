@@ -11,7 +11,6 @@ the converted and reloaded perplexities, the generated line and the wall time.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -47,8 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"reloaded with `from_pretrained`: {r['reloaded']:.3f}. The reloaded model "
               f"writes: `{r['text']}`")  # fmt: skip
     if args.plot:
-        image = os.path.relpath(Path(args.plot).resolve(), (out.page or docpage.PAGE).parent)
-        out.print(f"\n![the demo's loss curves and size/quality]({image})")
+        out.image(args.plot, "the demo's loss curves and size/quality")
     out.write()
     return r
 

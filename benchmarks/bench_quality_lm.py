@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -309,8 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         out.print(f"| {label} | {_fmt(row['PTQ'])} | {_fmt(row['QAT'])} | {gap:+.1f}% |")
     if args.plot:
         plot(rows, args.plot, args.qat_steps)
-        image = os.path.relpath(Path(args.plot).resolve(), (out.page or docpage.PAGE).parent)
-        out.print(f"\n![held-out perplexity against weight bits]({image})")
+        out.image(args.plot, "held-out perplexity against weight bits")
     out.write()
     return rows
 

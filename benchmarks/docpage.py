@@ -151,6 +151,11 @@ class Output:
         print(text, flush=True)
         self.parts.append(text)
 
+    def image(self, path: str | os.PathLike, alt: str) -> None:
+        """A PNG the script wrote, linked relative to the page."""
+        link = os.path.relpath(Path(path).resolve(), (self.page or PAGE).parent)
+        self.print(f"\n![{alt}]({link})")
+
     def render(self) -> str:
         head = (
             f"`{self.command}` · {date.today().isoformat()} · "

@@ -26,7 +26,6 @@ PENDING = {  # block -> the script whose --write-docs run replaces it
     "bench_runtime 30m": "bench_runtime.py",
     "bench_runtime 3m --breakdown w4a8": "bench_runtime.py",
     "bench_runtime 30m --breakdown w4a8": "bench_runtime.py",
-    "sweep_hf": "sweep_hf.py",
 }
 HEADER = re.compile(
     r"^`python (benchmarks/[\w.]+\.py)( [^`]*)?` · \d{4}-\d\d-\d\d · [^·]+ · torch "
@@ -140,3 +139,13 @@ def test_every_table_on_the_page_has_as_many_cells_in_each_row_as_its_header():
             widths = {len(re.findall(r"(?<!\\)\|", row)) for row in table}
             assert len(widths) == 1, f"a cell holds an unescaped '|': {table[0][:80]}"
         table = []
+
+
+def test_an_image_is_linked_relative_to_the_page(tmp_path, capsys):
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.parent.mkdir()
+    page.write_text("<!-- stefx-bench: k -->\n<!-- /stefx-bench: k -->\n")
+    out = docpage.Output(page, "k", ["benchmarks/x.py"])
+    out.image(tmp_path / "docs" / "img" / "plot.png", "a plot")
+    out.write()
+    assert "![a plot](img/plot.png)\n<!-- /stefx-bench: k -->" in page.read_text()

@@ -52,7 +52,11 @@ def test_fullgraph_compile_matches_eager(name, recipe, backend):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert grads.keys() == ref_grads.keys()
     for n, g in ref_grads.items():
-        torch.testing.assert_close(grads[n], g, rtol=1e-3, atol=1e-5 * g.abs().max().item(), msg=n)
+        # Under inductor an 8-bit activation code can land on the other side of a rounding
+        # boundary (fp32 reassociation in its scale): that moves a few gradient entries by
+        # a fraction of a step, up to 3.7e-3 of max|g| on residual_cnn/w4a8 on an AMD EPYC
+        # CPU. A wrong surrogate (mask, identity, scale gradient) is off by O(max|g|).
+        torch.testing.assert_close(grads[n], g, rtol=1e-3, atol=5e-3 * g.abs().max().item(), msg=n)
     torch._dynamo.reset()
 
 
