@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
 import math
 import sys
 import tempfile
@@ -88,9 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     docpage.add_argument(parser)
     args = parser.parse_args(argv)
     out = docpage.Output(args.write_docs, "bench_convert", argv and [__file__, *argv])
-    out.versions.update(
-        {name: importlib.metadata.version(name) for name in ("transformers", "compressed-tensors")}
-    )
+    out.record("transformers", "compressed-tensors")
     torch.set_num_threads(args.threads)
     train, val = corpus_split()
     base = lm.train(lm.build(0), train, args.float_steps, 3e-3, 128, 0)

@@ -11,7 +11,6 @@ save/load round trips, generation) and keeps its perplexity table and checks.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     docpage.add_argument(parser)
     args = parser.parse_args(argv)
     out = docpage.Output(args.write_docs, "bench_finetune", argv and [__file__, *argv])
-    out.versions["transformers"] = importlib.metadata.version("transformers")
+    out.record("transformers")
     import finetune_lowbit
 
     r = finetune_lowbit.main(["--presets", args.presets] + (["--quick"] if args.quick else []))

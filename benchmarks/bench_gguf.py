@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
 import math
 import statistics
 import sys
@@ -154,12 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     key = "bench_gguf --speed-only" if args.speed_only else "bench_gguf"
     out = docpage.Output(args.write_docs, key, argv and [__file__, *argv])
-    out.versions["gguf"] = importlib.metadata.version("gguf")
+    out.record("gguf", "llama-cpp-python")
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401
 
         have_llama = True
-        out.versions["llama-cpp-python"] = llama_cpp.__version__
     except ImportError:
         have_llama = False
     torch.set_num_threads(args.threads)

@@ -23,7 +23,6 @@ fake-quantized output (max abs; top-1 agreement for the LM).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -295,9 +294,7 @@ def main() -> None:
     docpage.add_argument(parser)
     args = parser.parse_args()
     out = docpage.Output(args.write_docs, "bench_onnx")
-    out.versions.update(
-        {name: importlib.metadata.version(name) for name in ("onnx", "onnxruntime")}
-    )
+    out.record("onnx", "onnxruntime")
     rows = run(args)
     out.print(f"onnxruntime CPU provider, `ORT_ENABLE_ALL`, {args.threads} intra-op threads; "
               f"latency the median of {args.repeats}; RSS the session's own peak.\n")  # fmt: skip

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import resource
 import subprocess
@@ -119,7 +118,6 @@ def _optional_counters(model, args, kwargs) -> dict[str, str]:
     not. fvcore: matrix-product operators only (its total also counts norms and pooling).
     ptflops: its default ``pytorch`` backend (module hooks plus patched functionals) and
     its ``aten`` backend (matmul/addmm/bmm/convolution at dispatch)."""
-    import contextlib
     import io
     import warnings
 
@@ -199,9 +197,7 @@ def run_zoo(page) -> None:
         *extra,
     ]
     out = docpage.Output(page, "bench_profile --zoo")
-    for name in ("fvcore", "ptflops"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out.versions[name] = importlib.metadata.version(name)
+    out.record("fvcore", "ptflops")
     out.print("Every column in MACs, matrix-product kinds only for stefx and FlopCounterMode:\n")
     out.print(tabulate(rows, headers=headers, tablefmt="github"))
     agree = {col: sum(str(r[1]) == str(r[i]) for r in rows) for i, col in enumerate(headers)

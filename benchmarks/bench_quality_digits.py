@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
 import statistics
 import sys
 import warnings
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     docpage.add_argument(parser)
     args = parser.parse_args(argv)
     out = docpage.Output(args.write_docs, "bench_quality_digits", argv and [__file__, *argv])
-    out.versions["scikit-learn"] = importlib.metadata.version("scikit-learn")
+    out.record("scikit-learn")
     torch.set_num_threads(args.threads)
     rows = run(args.presets.split(","), args.seeds, args.float_epochs, args.qat_epochs)
     out.print(f"Test accuracy %, mean ± std over {args.seeds} seeds:\n")

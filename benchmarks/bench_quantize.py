@@ -13,7 +13,6 @@ peak / (RSS before quantize) — the "within 1.1x of the model" promise.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import resource
 import subprocess
@@ -79,7 +78,7 @@ def main() -> None:
         print(json.dumps(_child(args.child, args.recipe)))
         return
     out = docpage.Output(args.write_docs, "bench_quantize")
-    out.versions["transformers"] = importlib.metadata.version("transformers")
+    out.record("transformers")
     from tabulate import tabulate
 
     rows = []

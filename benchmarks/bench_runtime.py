@@ -64,7 +64,6 @@ import contextlib
 import copy
 import ctypes
 import gc
-import importlib.metadata
 import json
 import os
 import shutil
@@ -787,9 +786,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     key += f" --breakdown {args.breakdown}" if args.breakdown else ""
     key += f" --variants {args.variants}" if args.variants and not args.breakdown else ""
     out = docpage.Output(args.write_docs, key, argv and [__file__, *argv])
-    for name in ("torchao", "brevitas"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out.versions[name] = importlib.metadata.version(name)
+    out.record("torchao", "brevitas")
     presets = args.presets.split(",")
     names = variant_names(presets, args.variants.split(",") if args.variants else None)
     if args.breakdown:

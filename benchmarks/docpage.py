@@ -20,6 +20,7 @@ is written by hand and reads the tables; the blocks are never edited by hand
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import platform
 import re
@@ -49,11 +50,13 @@ def _markers(key: str) -> tuple[str, str]:
     return f"<!-- stefx-bench: {key} -->", f"<!-- /stefx-bench: {key} -->"
 
 
+BLOCK = re.compile(r"<!-- stefx-bench: (.+?) -->\n(.*?)<!-- /stefx-bench: \1 -->", re.S)
+
+
 def blocks(text: str) -> dict[str, str]:
     """Every generated block of a page: key -> its text (between the markers)."""
     found = {}
-    pattern = r"<!-- stefx-bench: (.+?) -->\n(.*?)<!-- /stefx-bench: \1 -->"
-    for m in re.finditer(pattern, text, re.S):
+    for m in BLOCK.finditer(text):
         if m.group(1) in found:
             raise ValueError(f"block {m.group(1)!r} appears twice in the page")
         found[m.group(1)] = m.group(2)
@@ -146,6 +149,12 @@ class Output:
                 f"  {begin}\n  {end}\nwhere its section should go, then run again"
             )
         return text
+
+    def record(self, *packages: str) -> None:
+        """Name these packages' installed versions in the header (missing ones are skipped)."""
+        for name in packages:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                self.versions[name] = importlib.metadata.version(name)
 
     def print(self, text: str = "") -> None:
         print(text, flush=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import io
 import json
 import subprocess
@@ -168,7 +167,7 @@ def main() -> None:
     docpage.add_argument(parser)
     opts = parser.parse_args()
     out = docpage.Output(opts.write_docs, "sweep_hf" + (" subset" if opts.model_types else ""))
-    out.versions["transformers"] = importlib.metadata.version("transformers")
+    out.record("transformers")
     from tabulate import tabulate
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

@@ -33,9 +33,7 @@ HEADER = re.compile(
 
 
 def _outside_blocks(text: str) -> str:
-    return re.sub(
-        r"<!-- stefx-bench: (.+?) -->\n.*?<!-- /stefx-bench: \1 -->", "", text, flags=re.S
-    )
+    return docpage.BLOCK.sub("", text)
 
 
 def test_every_table_and_code_block_is_in_a_generated_block():
