@@ -135,8 +135,12 @@ def module_op_kind(op: OpNode) -> str | None:
     return op.kind if op.kind in MODULE_WEIGHT_KINDS else None
 
 
-def _expert_in_axis(op: OpNode, weight_shape: tuple[int, ...]) -> int:
-    """Which axis of a fused [E, ., .] expert weight is the input (reduced) dimension."""
+def _expert_in_axis(op: OpNode, role: str, weight_shape: tuple[int, ...]) -> int:
+    """Which axis of a fused [E, ., .] expert weight is the input (reduced) dimension:
+    as capture read it from the operand's layout, else guessed from the shapes."""
+    known = op.attrs.get("expert_in_axis", {})
+    if role in known:
+        return known[role]
     x = op.input_shapes[0] if op.input_shapes else None
     if x and len(weight_shape) == 3 and weight_shape[1] == x[-1] != weight_shape[2]:
         return 1
@@ -155,14 +159,18 @@ def candidates(capture: Capture, model: nn.Module) -> list[Candidate]:
         kind = module_op_kind(op)
         weights = []
         if module is not None and kind is not None:
-            for fqn in op.params.values():
+            for role, fqn in op.params.items():
                 local = _local_param(params, module, op.module, fqn, kind == "attention")
-                if local is not None and module.get_parameter(local).dim() >= 2:
-                    weights.append(local)
+                if role != "bias" and local is not None and module.get_parameter(local).dim() >= 2:
+                    weights.append((role, local))
         ordinal = ordinals.get(id(op))
         if weights:
-            axes = {w: _expert_in_axis(op, tuple(module.get_parameter(w).shape)) for w in weights}
-            axes = axes if kind == "experts" else {}
+            axes = {
+                w: _expert_in_axis(op, role, tuple(module.get_parameter(w).shape))
+                for role, w in weights
+                if kind == "experts"
+            }
+            weights = [w for _, w in weights]
             # One candidate per (module, kind): a module that runs, say, an embedding and a
             # linear on its own parameters offers both to the rules.
             slot = (op.module, kind)

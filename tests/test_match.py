@@ -148,3 +148,50 @@ def test_explain_snapshot():
     _snapshot("explain_llama_bitnet.txt", str(plan) + "\n")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(isinstance(m, stefx.Quantizer) for m in model.modules())
+
+
+class _BlockDiagonalGate(nn.Module):
+    """RecurrentGemma's RG-LRU gates: a square [d, d] block per head, run as
+    ``baddbmm(bias, x, W)`` (x @ W reduces W's axis 1) or as ``x @ W.mT`` (axis 2)."""
+
+    def __init__(self, transposed: bool) -> None:
+        super().__init__()
+        self.transposed = transposed
+        self.weight = nn.Parameter(torch.randn(4, 8, 8))
+        self.bias = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, 4, 8).transpose(0, 1)
+        if self.transposed:
+            y = torch.bmm(h, self.weight.transpose(1, 2)) + self.bias[:, None, :]
+        else:
+            y = torch.baddbmm(self.bias[:, None, :], h, self.weight)
+        return y.transpose(0, 1).reshape(x.shape)
+
+
+@pytest.mark.parametrize(("transposed", "in_axis"), [(False, 1), (True, 2)])
+def test_square_block_weights_scale_along_the_axis_the_op_reduces(transposed, in_axis):
+    """Square [E, d, d] weights cannot tell their input axis by shape: it comes from the
+    operand's layout. The [E, d] bias baddbmm reads first is no weight (it was taken for
+    one and crashed weight_spec: recurrent_gemma in benchmarks/sweep_hf.py)."""
+    torch.manual_seed(0)
+    model = _BlockDiagonalGate(transposed)
+    x = torch.randn(5, 32)
+    recipe = {
+        "rules": [
+            {
+                "targets": ["experts"],
+                "weights": {"type": "binary", "strategy": "channel", "scale": "absmean"},
+            }
+        ]
+    }
+    plan = stefx.explain(model, recipe, (x,))
+    (site,) = plan.sites
+    assert site.params == ("weight",) and site.expert_in_axis == {"weight": in_axis}
+    w = model.weight.detach().clone()
+    stefx.quantize(model, recipe, (x,), report=False)
+    wq = torch.sign(w) * w.abs().mean(dim=in_axis, keepdim=True)
+    wq_used = wq.transpose(1, 2) if transposed else wq
+    h = x.reshape(-1, 4, 8).transpose(0, 1)
+    expected = (torch.bmm(h, wq_used) + model.bias.detach()[:, None, :]).transpose(0, 1)
+    assert torch.allclose(model(x), expected.reshape(x.shape), atol=1e-5)

@@ -129,6 +129,8 @@ def normalise(node: fx.Node, view: ModelView) -> OpNode:
     if kind == "experts":
         shape = next(iter(_param_shapes(params, view).values()), ())
         attrs = {**attrs, "num_experts": shape[0]} if len(shape) >= 3 else attrs
+        if node.op != "call_module" and (axes := _expert_in_axes(node, view, module, params)):
+            attrs["expert_in_axis"] = axes
     args = [*node.args, *node.kwargs.values()]
     out = _first_tensor(_val(node))
     return OpNode(
@@ -268,6 +270,49 @@ def _tensor_sources(arg: Any, depth: int = 0) -> Iterator[fx.Node]:
         and arg.args
     ):
         yield from _tensor_sources(arg.args[0], depth + 1)
+
+
+# Matrix operands of the matmul-like functions, by position: (left, right).
+_MATRIX_ARGS = {"linear": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "addbmm": (1, 2)}
+_MATMULS = frozenset({"matmul", "mm", "bmm", "grouped_mm", "_grouped_mm", "__matmul__"})
+
+
+def _expert_in_axes(
+    node: fx.Node, view: ModelView, module: str, params: dict[str, str]
+) -> dict[str, int]:
+    """The input (reduced) axis of each fused [E, ., .] parameter a matmul-like node reads.
+
+    The op reduces its right operand's axis -2 (``x @ W``; linear's weight, stored
+    [out, in], its axis -1) and its left operand's axis -1. The operand may be a
+    transposed view or an expert slice of the parameter, so the reduced axis is found by
+    its stride: the parameter's axis with that stride. Square experts need this, since
+    their shapes alone cannot tell [E, in, out] from [E, out, in]; so do ops that take a
+    bias first (``baddbmm(b, x, W)``). Empty where the graph carries no strides."""
+    name = base_name(node.target)
+    if name not in _MATRIX_ARGS and name not in _MATMULS:
+        return {}
+    left, right = _MATRIX_ARGS.get(name, (0, 1))
+    by_fqn = {fqn: role for role, fqn in params.items()}
+    axes: dict[str, int] = {}
+    for pos, reduced in ((left, -1), (right, -1 if name == "linear" else -2)):
+        arg = node.args[pos] if pos < len(node.args) else None
+        operand = _val(arg)
+        if not isinstance(operand, torch.Tensor) or operand.dim() < 2:
+            continue
+        for source in _tensor_sources(arg):
+            what, fqn = view.tensor_of.get(source.name, ("", ""))
+            fqn = _prefer_local(fqn, module, view) if what == "param" else ""
+            owner, _, attr = fqn.rpartition(".")
+            weight = getattr(view.modules.get(owner), attr, None)
+            if fqn not in by_fqn or not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+                continue
+            if not weight.is_contiguous():
+                continue
+            stride = operand.stride(reduced)
+            found = [a for a in (1, 2) if weight.stride(a) == stride and weight.shape[a] > 1]
+            if len(found) == 1:
+                axes[by_fqn[fqn]] = found[0]
+    return axes
 
 
 def _prefer_local(fqn: str, module: str, view: ModelView) -> str:
