@@ -18,15 +18,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import docpage  # noqa: E402
 
 PAGE = ROOT / "docs" / "benchmarks.md"
-# Blocks whose script has not rerun since the page became generated: they still hold the
-# tables copied from the scripts' output by hand, and say so in their first line. A run
-# of the named command with --write-docs replaces each; then it leaves this list.
-PENDING = {  # block -> the script whose --write-docs run replaces it
-    "bench_runtime 3m": "bench_runtime.py",
-    "bench_runtime 30m": "bench_runtime.py",
-    "bench_runtime 3m --breakdown w4a8": "bench_runtime.py",
-    "bench_runtime 30m --breakdown w4a8": "bench_runtime.py",
-}
 HEADER = re.compile(
     r"^`python (benchmarks/[\w.]+\.py)( [^`]*)?` · \d{4}-\d\d-\d\d · [^·]+ · torch "
 )
@@ -49,10 +40,6 @@ def test_each_block_names_the_script_that_wrote_it():
     blocks = docpage.blocks(PAGE.read_text())
     assert len(blocks) >= 15
     for key, body in blocks.items():
-        if key in PENDING:
-            assert body.startswith("Hand-copied"), key
-            assert f"benchmarks/{PENDING[key]}" in body, key
-            continue
         m = HEADER.match(body)
         assert m, f"block {key!r} has no generated header: {body[:120]!r}"
         script = ROOT / m.group(1)
@@ -60,14 +47,6 @@ def test_each_block_names_the_script_that_wrote_it():
         assert script.stem == key.split()[0], (key, script)
         assert "docpage.Output(" in script.read_text(), script
         assert body.count("\n") > 2, f"block {key!r} is empty"
-
-
-def test_pending_blocks_exist_and_their_scripts_write_docs():
-    blocks = docpage.blocks(PAGE.read_text())
-    for key, name in PENDING.items():
-        assert key in blocks, key
-        script = ROOT / "benchmarks" / name
-        assert script.is_file() and "docpage.add_argument(" in script.read_text(), script
 
 
 def test_write_docs_replaces_only_its_block(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import stefx.ste.lsq  # noqa: F401  (registers "lsq" and "lsq+")
+import stefx.ste.lsq  # registers "lsq" and "lsq+"; INIT_BLOCK is patched below
 from stefx.errors import RecipeError
 from stefx.ste.lsq import LSQPlusQuantizer, LSQQuantizer
 from stefx.ste.spec import make_quantizer, parse_spec
@@ -483,6 +483,31 @@ def test_init_mse_is_no_worse_than_absmax_and_picks_the_best_grid_point():
     q = LSQQuantizer({"num_bits": 4, "strategy": "channel", "init": "mse"})
     q.init_from(w)
     assert q.scale[0].item() == pytest.approx(best[1], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("type_", "spec"),
+    [
+        ("lsq", {"strategy": "channel", "init": "mse"}),
+        ("lsq", {"strategy": "channel", "init": "paper", "axis": 1}),
+        ("lsq", {"strategy": "group", "group_size": 48, "init": "mse"}),  # ragged: NaN pads
+        ("lsq+", {"strategy": "channel", "init": "minmax"}),
+        ("lsq+", {"strategy": "group", "group_size": 48}),
+    ],
+)
+def test_init_reads_the_rows_a_block_at_a_time_with_the_same_result(monkeypatch, type_, spec):
+    """init_from takes the rows INIT_BLOCK elements at a time (small temporaries, so
+    quantize's peak stays near the model's): the steps are those of one pass over all rows."""
+    torch.manual_seed(0)
+    w = torch.randn(37, 100).to(torch.bfloat16)
+    whole = make(type_, num_bits=4, **spec)
+    whole.init_from(w)
+    monkeypatch.setattr(stefx.ste.lsq, "INIT_BLOCK", 150)  # 1 row of 100, or a 48-group pair
+    blocked = make(type_, num_bits=4, **spec)
+    blocked.init_from(w)
+    for name, value in whole.named_parameters():
+        assert value.numel() == whole.granularity.num_groups(w.shape)
+        assert torch.equal(value, dict(blocked.named_parameters())[name])
 
 
 def test_init_option_is_checked():

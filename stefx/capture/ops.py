@@ -274,7 +274,10 @@ def _tensor_sources(arg: Any, depth: int = 0) -> Iterator[fx.Node]:
 
 # Matrix operands of the matmul-like functions, by position: (left, right).
 _MATRIX_ARGS = {"linear": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "addbmm": (1, 2)}
-_MATMULS = frozenset({"matmul", "mm", "bmm", "grouped_mm", "_grouped_mm", "__matmul__"})
+# grouped_mm_fallback: transformers' grouped_mm(input, weight[E, in, out], offs) on CPU
+_MATMULS = frozenset(
+    {"matmul", "__matmul__", "mm", "bmm", "grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
+)
 
 
 def _expert_in_axes(

@@ -179,6 +179,9 @@ def learned_step(
     return ops.mix(x, ops.from_rows(gran, y, x).to(x.dtype), strength)
 
 
+INIT_BLOCK = 1 << 18  # elements of the rows one init step reads at a time (1 MiB of float)
+
+
 def _finite_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Finite-value mask of ``rows`` and its per-row count (at least 1, to divide by)."""
     finite = rows.isfinite()
@@ -239,7 +242,12 @@ class _LearnedStepQuantizer(Quantizer):
             return
         # NaN pads a ragged last group: the statistics below skip non-finite values
         rows = self.granularity.rows(x.detach(), fill=float("nan"))
-        values = self._initial_values(rows.float())
+        # Every statistic is per row: take the rows a block at a time, so the temporaries
+        # (a float copy, the mask, |v|, the MSE grid's errors) stay small next to the weight
+        # and quantize's peak memory stays near the model's (benchmarks/bench_quantize.py)
+        block = max(1, INIT_BLOCK // max(1, rows.shape[1]))
+        parts = [self._initial_values(part.float()) for part in rows.split(block)]
+        values = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         for name, value in values.items():
             param = getattr(self, name)
             if param.is_meta:
