@@ -199,25 +199,16 @@ def test_square_block_weights_scale_along_the_axis_the_op_reduces(transposed, in
 
 def test_square_hf_experts_read_their_input_axis_from_grouped_mm_fallback():
     """transformers computes fused experts on CPU with grouped_mm_fallback(x, W^T, offs)
-    over [E, out, in] parameters; gate_up_proj is square here (2·32 = 64 = hidden), so only
+    over [E, out, in] parameters; gate_up_proj is square here (2·16 = 32 = hidden), so only
     the operand's strides say its input is axis 2, as down_proj's shape does."""
-    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+    from transformers import AutoModelForCausalLM
 
     from stefx.capture import capture
+    from tests.zoo import hf_config
 
-    config = Qwen2MoeConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=64,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-    )
+    config = hf_config("qwen2_moe")
+    config.moe_intermediate_size = 16
     model = AutoModelForCausalLM.from_config(config)
     experts = [op for op in capture(model).ops if op.kind == "experts"]
-    assert [op.param_shapes["weight"] for op in experts] == [(4, 64, 64), (4, 64, 32)]
-    assert [op.attrs["expert_in_axis"] for op in experts] == [{"weight": 2}] * 2
+    assert {tuple(op.param_shapes["weight"]) for op in experts} == {(4, 32, 32), (4, 32, 16)}
+    assert all(op.attrs["expert_in_axis"] == {"weight": 2} for op in experts)

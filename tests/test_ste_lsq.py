@@ -502,7 +502,7 @@ def test_init_reads_the_rows_a_block_at_a_time_with_the_same_result(monkeypatch,
     w = torch.randn(37, 100).to(torch.bfloat16)
     whole = make(type_, num_bits=4, **spec)
     whole.init_from(w)
-    monkeypatch.setattr(stefx.ste.lsq, "INIT_BLOCK", 150)  # 1 row of 100, or a 48-group pair
+    monkeypatch.setattr(stefx.ste.lsq, "INIT_BLOCK", 150)  # 1 row of 100, or 3 groups of 48
     blocked = make(type_, num_bits=4, **spec)
     blocked.init_from(w)
     for name, value in whole.named_parameters():
