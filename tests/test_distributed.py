@@ -4,6 +4,7 @@ quantizers' per-channel steps with their weights and trains the same."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
@@ -66,6 +67,35 @@ def _single(preset):
     return [_step(model, opt, ids).item() for ids in _batches()], model
 
 
+def _train(rank, world, preset, mode, out):
+    model = _model(preset)
+    if mode == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
+    losses = []
+    half = BATCH // world
+    for ids in _batches():
+        loss = _step(wrapped, opt, ids[rank * half : (rank + 1) * half])
+        dist.all_reduce(loss)
+        losses.append(loss.item() / world)
+    if mode == "fsdp2":
+        from torch.distributed.tensor import DTensor
+
+        scale = model.model.layers[0].self_attn.q_proj.weight_quantizer.scale
+        assert isinstance(scale, DTensor)  # sharded with the layer, like the weight
+        scale = scale.full_tensor()
+    else:
+        scale = model.model.layers[0].self_attn.q_proj.weight_quantizer.scale.detach()
+    if rank == 0:
+        torch.save({"losses": losses, "scale": scale.clone()}, out)
+
+
 def _worker(rank, world, rendezvous, preset, mode, out):
     # gloo's own sockets on loopback, not on whatever address the hostname resolves to
     if sys.platform == "linux":
@@ -79,32 +109,11 @@ def _worker(rank, world, rendezvous, preset, mode, out):
         timeout=timedelta(seconds=240),
     )
     try:
-        model = _model(preset)
-        if mode == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-            wrapped = fully_shard(model)
-        opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
-        losses = []
-        half = BATCH // world
-        for ids in _batches():
-            loss = _step(wrapped, opt, ids[rank * half : (rank + 1) * half])
-            dist.all_reduce(loss)
-            losses.append(loss.item() / world)
-        if mode == "fsdp2":
-            from torch.distributed.tensor import DTensor
-
-            scale = model.model.layers[0].self_attn.q_proj.weight_quantizer.scale
-            assert isinstance(scale, DTensor)  # sharded with the layer, like the weight
-            scale = scale.full_tensor()
-        else:
-            scale = model.model.layers[0].self_attn.q_proj.weight_quantizer.scale.detach()
-        if rank == 0:
-            torch.save({"losses": losses, "scale": scale.clone()}, out)
+        # DDP's reducer and FSDP's state are freed (gc: hooks make cycles) before the group
+        # goes: destroyed after it, a rank hung at exit in about one run in five, float
+        # models as well (torch 2.13, gloo)
+        _train(rank, world, preset, mode, out)
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
